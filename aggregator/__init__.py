@@ -1,0 +1,1 @@
+"""The proxy role (open, guard, combine) and the server role (ServerApp and round engines)."""

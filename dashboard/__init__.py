@@ -1,0 +1,1 @@
+"""The Streamlit dashboard. It reads the metrics store and nothing else."""

@@ -1,0 +1,207 @@
+"""The secure-aggregation mode contract: protect (client), combine (proxy), finish (server).
+
+The round engines only ever talk to a mode through these functions, so a new mode plugs in
+without touching them. Everything here is pure: arrays and bytes in, arrays and bytes out.
+
+Vectors are flat float64 arrays that the client has *already weighted* by its sample count
+n_i, so the server's total is sum_i n_i * delta_i and it divides by sum_i n_i itself.
+Proxies may apply extra public per-client factors (async staleness weights) in `combine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a payload is bound to; sealed envelopes authenticate all of it as AAD."""
+
+    run_id: str
+    task_id: str
+    client_id: str
+    proxy_id: str
+    mode: str
+    length: int
+
+
+@dataclass(frozen=True)
+class ClientKeyring:
+    """What an organization holds: proxy public keys (from provisioning) and the CKKS public context."""
+
+    proxy_public_keys: Mapping[str, bytes] = field(default_factory=dict)
+    ckks_public_context: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ProxyKeyring:
+    """What a proxy holds: its own X25519 private key and the CKKS public context."""
+
+    proxy_id: str
+    private_key: bytes | None = None
+    ckks_public_context: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ServerKeyring:
+    """What the server holds: the CKKS secret context (the decryptor role)."""
+
+    ckks_secret_context: bytes | None = None
+
+
+@dataclass
+class CombineResult:
+    """A proxy's partial aggregate plus which clients made it in and why others did not."""
+
+    partial: bytes
+    included: list[str]
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+class ReplayGuard(Protocol):
+    """Remembers envelope ids a proxy has opened; `claim` returns False on reuse."""
+
+    def claim(self, envelope_id: bytes) -> bool: ...
+
+
+class SecureMode(Protocol):
+    """One secure-aggregation mode. Implementations are stateless."""
+
+    name: str
+
+    def assign(self, client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
+        """Which proxies each client sends a payload to."""
+        ...
+
+    def protect(self, vector: np.ndarray, proxies: Sequence[str], binding: Binding, keys: ClientKeyring) -> dict[str, bytes]:
+        """Client side: one payload per proxy in `proxies`. `binding.proxy_id` is ignored and set per proxy."""
+        ...
+
+    def combine(
+        self,
+        payloads: Mapping[str, bytes],
+        binding: Binding,
+        keys: ProxyKeyring,
+        min_aggregate: int,
+        weights: Mapping[str, float] | None = None,
+        replay_guard: ReplayGuard | None = None,
+    ) -> CombineResult:
+        """Proxy side: open, guard, and sum the payloads (keyed by client id). `binding.client_id` is ignored."""
+        ...
+
+    def finish(self, partials: Sequence[bytes], length: int, keys: ServerKeyring) -> np.ndarray:
+        """Server side: turn the proxies' partials into the float64 total sum_i w_i n_i delta_i."""
+        ...
+
+
+class AggregationRefused(Exception):
+    """A proxy refuses to release an aggregate (too few distinct clients survived the guards)."""
+
+
+def balanced_groups(client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
+    """Assign each client to exactly one proxy so that every used proxy gets >= min_aggregate clients.
+
+    Uses as many proxies as the group-size floor allows, round-robin over sorted ids, so the
+    groups differ in size by at most one and the assignment is deterministic.
+    """
+    clients = sorted(client_ids)
+    proxies = sorted(proxy_ids)
+    if not proxies:
+        raise ValueError("no proxies available")
+    used = max(1, min(len(proxies), len(clients) // max(1, min_aggregate)))
+    return {cid: [proxies[i % used]] for i, cid in enumerate(clients)}
+
+
+def _check_vector(vector: np.ndarray) -> np.ndarray:
+    arr = np.asarray(vector, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("update contains NaN or infinite values")
+    return arr
+
+
+class PlaintextMode:
+    """`none`: the comparison baseline. The server-side proxy sums raw float64 vectors.
+
+    It still goes through the proxies and their guards so that the engines exercise the same
+    path as the secure modes. It protects nothing: never use it with real data.
+    """
+
+    name = "none"
+
+    def assign(self, client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
+        return balanced_groups(client_ids, proxy_ids, min_aggregate)
+
+    def protect(self, vector: np.ndarray, proxies: Sequence[str], binding: Binding, keys: ClientKeyring) -> dict[str, bytes]:
+        data = _check_vector(vector).tobytes()
+        return {p: data for p in proxies}
+
+    def combine(
+        self,
+        payloads: Mapping[str, bytes],
+        binding: Binding,
+        keys: ProxyKeyring,
+        min_aggregate: int,
+        weights: Mapping[str, float] | None = None,
+        replay_guard: ReplayGuard | None = None,
+    ) -> CombineResult:
+        total = np.zeros(binding.length, dtype=np.float64)
+        included: list[str] = []
+        rejected: dict[str, str] = {}
+        for cid in sorted(payloads):
+            blob = payloads[cid]
+            if len(blob) != binding.length * 8:
+                rejected[cid] = f"wrong length: {len(blob) // 8} values, expected {binding.length}"
+                continue
+            vec = np.frombuffer(blob, dtype=np.float64)
+            if not np.all(np.isfinite(vec)):
+                rejected[cid] = "non-finite values in update"
+                continue
+            total += vec * (1.0 if weights is None else float(weights.get(cid, 1.0)))
+            included.append(cid)
+        if len(included) < min_aggregate:
+            raise AggregationRefused(
+                f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
+            )
+        return CombineResult(total.tobytes(), included, rejected)
+
+    def finish(self, partials: Sequence[bytes], length: int, keys: ServerKeyring) -> np.ndarray:
+        total = np.zeros(length, dtype=np.float64)
+        for p in partials:
+            total += np.frombuffer(p, dtype=np.float64)
+        return total
+
+
+_REGISTRY: dict[str, Callable[[], SecureMode]] = {"none": PlaintextMode}
+
+
+def register_mode(name: str, factory: Callable[[], SecureMode]) -> None:
+    """Make a mode available to the engines under `name`."""
+    _REGISTRY[name] = factory
+
+
+def get_mode(name: str) -> SecureMode:
+    """Look a mode up by its config name (`none`, `secret-sharing`, `ckks`)."""
+    _load_builtin_modes()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown secure mode {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def available_modes() -> list[str]:
+    _load_builtin_modes()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_modes() -> None:
+    """Import the optional mode modules so they register themselves (they may not exist yet)."""
+    import importlib
+
+    for module in ("fedveil.secure.sharing", "fedveil.secure.ckks"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
