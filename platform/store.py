@@ -1,0 +1,293 @@
+"""The metrics store: the one place where runs, rounds, per-organization privacy and events live.
+
+The ServerApp is the single writer; the dashboard and `fedveil export` only read. SQLite in WAL
+mode is the embedded default (a reader never blocks the writer), and any SQLAlchemy URL works
+so that a dashboard on another machine can read from PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, default=""),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("secure", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("dataset", sa.String(256), nullable=False, default=""),
+    sa.Column("model", sa.String(256), nullable=False, default=""),
+    sa.Column("rounds_planned", sa.Integer, nullable=False, default=0),
+    sa.Column("config", sa.Text, nullable=False, default="{}"),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("message", sa.Text, nullable=False, default=""),
+)
+
+rounds = sa.Table(
+    "rounds",
+    metadata,
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("round", sa.Integer, primary_key=True),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("participants", sa.Integer, nullable=False),
+    sa.Column("accuracy", sa.Float),
+    sa.Column("loss", sa.Float),
+    sa.Column("bytes_up", sa.Integer, nullable=False, default=0),
+    sa.Column("protect_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("combine_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("finish_seconds", sa.Float, nullable=False, default=0.0),
+    sa.Column("buffer_fill_seconds", sa.Float),
+    sa.Column("extra", sa.Text, nullable=False, default="{}"),
+)
+
+client_rounds = sa.Table(
+    "client_rounds",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.id"), nullable=False, index=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("org", sa.String(128), nullable=False),
+    sa.Column("node_id", sa.String(32), nullable=False, default=""),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("num_samples", sa.Integer, nullable=False, default=0),
+    sa.Column("accuracy", sa.Float),
+    sa.Column("loss", sa.Float),
+    sa.Column("epsilon", sa.Float),
+    sa.Column("delta", sa.Float),
+    sa.Column("budget", sa.Float),
+    sa.Column("noise_multiplier", sa.Float),
+    sa.Column("sample_rate", sa.Float),
+    sa.Column("steps", sa.Integer),
+    sa.Column("accountant", sa.String(16)),
+    sa.Column("train_seconds", sa.Float),
+    sa.Column("staleness", sa.Integer),
+    sa.Column("bytes_up", sa.Integer, nullable=False, default=0),
+    sa.Column("ts", sa.Float, nullable=False),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(64), nullable=False, index=True),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("round", sa.Integer),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("source", sa.String(128), nullable=False, default=""),
+    sa.Column("message", sa.Text, nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("node_id", sa.String(32), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+    sa.Column("info", sa.Text, nullable=False, default="{}"),
+)
+
+RUN_STATUSES = ("running", "completed", "failed", "stopped")
+
+
+def store_url(workdir: str | Path) -> str:
+    """The default store of a work dir: `DIR/fedveil.db`."""
+    return f"sqlite:///{Path(workdir).resolve() / 'fedveil.db'}"
+
+
+def _enable_sqlite_wal(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+
+def _rows(result: Iterable[Any]) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in result]
+
+
+class MetricsStore:
+    """Typed access to the metrics tables. Writers call `record_*`; readers call the query methods."""
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and create:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            _enable_sqlite_wal(self.engine)
+        if create:
+            metadata.create_all(self.engine)
+
+    @classmethod
+    def open_readonly(cls, url: str) -> "MetricsStore":
+        """Open an existing store without creating tables (the dashboard's and export's view)."""
+        return cls(url, create=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- writes (the ServerApp) -------------------------------------------------------
+    def create_run(
+        self,
+        run_id: str,
+        *,
+        mode: str,
+        secure: str,
+        name: str = "",
+        dataset: str = "",
+        model: str = "",
+        rounds_planned: int = 0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(runs).where(runs.c.id == run_id))
+            conn.execute(
+                runs.insert().values(
+                    id=run_id, name=name, mode=mode, secure=secure, status="running", dataset=dataset,
+                    model=model, rounds_planned=rounds_planned, config=json.dumps(config or {}),
+                    started_at=time.time(), message="",
+                )
+            )
+
+    def finish_run(self, run_id: str, status: str, message: str = "") -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self.engine.begin() as conn:
+            conn.execute(
+                runs.update().where(runs.c.id == run_id).values(status=status, finished_at=time.time(), message=message)
+            )
+
+    def record_round(self, run_id: str, round: int, **values: Any) -> None:
+        """Insert or replace one round's (or async model version's) metrics."""
+        extra = values.pop("extra", None)
+        row = {"run_id": run_id, "round": round, "model_version": values.pop("model_version", round), **values}
+        row["extra"] = json.dumps(extra or {})
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(rounds).where(rounds.c.run_id == run_id, rounds.c.round == round))
+            conn.execute(rounds.insert().values(**row))
+
+    def record_client_round(self, run_id: str, round: int, org: str, status: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                client_rounds.insert().values(run_id=run_id, round=round, org=org, status=status, ts=time.time(), **values)
+            )
+
+    def record_event(
+        self, run_id: str, kind: str, message: str, *, level: str = "info", source: str = "", round: int | None = None
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                events.insert().values(
+                    run_id=run_id, ts=time.time(), round=round, level=level, kind=kind, source=source, message=message
+                )
+            )
+
+    def upsert_node(self, run_id: str, node_id: str, *, role: str, name: str, status: str, info: dict | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(nodes).where(nodes.c.run_id == run_id, nodes.c.node_id == node_id))
+            conn.execute(
+                nodes.insert().values(
+                    run_id=run_id, node_id=node_id, role=role, name=name, status=status, last_seen=time.time(),
+                    info=json.dumps(info or {}),
+                )
+            )
+
+    # ---- reads (dashboard, export) ------------------------------------------------------
+    def _select(self, query: Any) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return _rows(conn.execute(query))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """All runs, newest first."""
+        return self._select(sa.select(runs).order_by(runs.c.started_at.desc()))
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        found = self._select(sa.select(runs).where(runs.c.id == run_id))
+        return found[0] if found else None
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        return self._select(sa.select(rounds).where(rounds.c.run_id == run_id).order_by(rounds.c.round))
+
+    def client_rounds(self, run_id: str) -> list[dict[str, Any]]:
+        return self._select(
+            sa.select(client_rounds).where(client_rounds.c.run_id == run_id).order_by(client_rounds.c.round, client_rounds.c.id)
+        )
+
+    def events(self, run_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        query = sa.select(events).order_by(events.c.id.desc()).limit(limit)
+        if run_id is not None:
+            query = query.where(events.c.run_id == run_id)
+        return self._select(query)
+
+    def nodes(self, run_id: str) -> list[dict[str, Any]]:
+        return self._select(sa.select(nodes).where(nodes.c.run_id == run_id).order_by(nodes.c.role, nodes.c.name))
+
+    def latest_client_status(self, run_id: str) -> list[dict[str, Any]]:
+        """Each organization's most recent row in a run: its current ε, budget and status."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in self.client_rounds(run_id):
+            latest[row["org"]] = row
+        return [latest[org] for org in sorted(latest)]
+
+    def export(self) -> dict[str, Any]:
+        """The stable JSON document behind `fedveil export` (see docs/export.md)."""
+        out = []
+        for run in reversed(self.list_runs()):
+            out.append(
+                {
+                    "id": run["id"],
+                    "name": run["name"],
+                    "mode": run["mode"],
+                    "secure": run["secure"],
+                    "status": run["status"],
+                    "dataset": run["dataset"],
+                    "model": run["model"],
+                    "started_at": run["started_at"],
+                    "finished_at": run["finished_at"],
+                    "rounds": [
+                        {
+                            "round": r["round"],
+                            "model_version": r["model_version"],
+                            "accuracy": r["accuracy"],
+                            "loss": r["loss"],
+                            "participants": r["participants"],
+                            "seconds": r["seconds"],
+                            "bytes_up": r["bytes_up"],
+                        }
+                        for r in self.rounds(run["id"])
+                    ],
+                    "clients": [
+                        {
+                            "org": c["org"],
+                            "epsilon": c["epsilon"],
+                            "delta": c["delta"],
+                            "budget": c["budget"],
+                            "status": c["status"],
+                            "rounds": sum(1 for x in self.client_rounds(run["id"]) if x["org"] == c["org"] and x["status"] == "ok"),
+                        }
+                        for c in self.latest_client_status(run["id"])
+                    ],
+                }
+            )
+        return {"runs": out}
