@@ -1,0 +1,186 @@
+"""The model zoo: small Opacus-compatible models, plus user factories.
+
+`build_model("mlp" | "cnn" | "package.module:factory", input_shape, num_classes, **kwargs)`.
+Every model returned passes Opacus' `ModuleValidator` (no BatchNorm; GroupNorm instead), so
+DP-SGD works on it without surgery.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fedveil.platform.errors import ConfigError
+
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn")
+
+
+class MLP(nn.Module):
+    """Flatten -> [Linear -> ReLU] * len(hidden) -> Linear."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64,), dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, int(h)), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            prev = int(h)
+        layers.append(nn.Linear(prev, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class CNN(nn.Module):
+    """A small CNN for 1-channel images.
+
+    For inputs of at least 16x16 (MNIST) this is the Opacus MNIST example network (26,010
+    parameters at 28x28): conv 16@8x8/2 -> maxpool 2/1 -> conv 32@4x4/2 -> maxpool 2/1 -> fc 32 -> fc.
+    For small inputs (8x8 digits), where that network's strides would shrink the image to
+    nothing, it uses 3x3 convolutions with GroupNorm: conv 16@3x3 -> GN -> conv 32@3x3/2 -> GN -> fc 32 -> fc.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, groupnorm: bool | None = None):
+        super().__init__()
+        c, h, w = _chw(input_shape)
+        if min(h, w) >= 16:
+            gn = bool(groupnorm)
+            self.features = nn.Sequential(
+                nn.Conv2d(c, 16, 8, stride=2, padding=3),
+                *( [nn.GroupNorm(4, 16)] if gn else [] ),
+                nn.ReLU(),
+                nn.MaxPool2d(2, 1),
+                nn.Conv2d(16, 32, 4, stride=2),
+                *( [nn.GroupNorm(8, 32)] if gn else [] ),
+                nn.ReLU(),
+                nn.MaxPool2d(2, 1),
+            )
+        else:
+            gn = True if groupnorm is None else bool(groupnorm)
+            self.features = nn.Sequential(
+                nn.Conv2d(c, 16, 3, padding=1),
+                *( [nn.GroupNorm(4, 16)] if gn else [] ),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                *( [nn.GroupNorm(8, 32)] if gn else [] ),
+                nn.ReLU(),
+            )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, c, h, w)).numel()
+        if flat == 0:
+            raise ConfigError(f"Input shape {tuple(input_shape)} is too small for the cnn model.", "Use 'mlp' for this data.")
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(flat, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _chw(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0]:
+        s = math.isqrt(shape[0])
+        raise ConfigError(
+            f"The cnn model needs image inputs (C, H, W); got flat features of size {shape[0]}.",
+            f"Load the data as images (image=True, e.g. shape (1, {s}, {s})), or use the 'mlp' model.",
+        )
+    raise ConfigError(
+        f"The cnn model needs image inputs (C, H, W); got input shape {shape}.",
+        "Use the 'mlp' model for tabular data.",
+    )
+
+
+def model_kind(name: str) -> str:
+    """'image' when the model needs (C, H, W) inputs, 'tabular' for flat features, 'any' for user factories."""
+    key = name.strip().lower()
+    if key == "cnn":
+        return "image"
+    if key == "mlp":
+        return "tabular"
+    return "any"
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
+    """Build a model by name. Custom models: "package.module:factory", called as
+    factory(input_shape=..., num_classes=..., **kwargs) and validated for Opacus."""
+    key = name.strip()
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, got {num_classes}.", "Check the dataset's labels.")
+    if key.lower() == "mlp":
+        hidden = kwargs.pop("hidden", kwargs.pop("hidden_sizes", (64,)))
+        if isinstance(hidden, int):
+            hidden = (hidden,)
+        in_features = int(math.prod(input_shape))
+        model: nn.Module = MLP(in_features, num_classes, hidden=tuple(hidden), **kwargs)
+    elif key.lower() == "cnn":
+        model = CNN(input_shape, num_classes, **kwargs)
+    elif ":" in key:
+        model = _from_factory(key, input_shape, num_classes, **kwargs)
+    else:
+        raise ConfigError(
+            f"Unknown model {name!r}.",
+            f"Use one of {', '.join(BUILTIN_MODELS)}, or 'package.module:factory' for your own model.",
+        )
+    _validate_for_dp(model, key)
+    return model
+
+
+def _from_factory(spec: str, input_shape, num_classes, **kwargs) -> nn.Module:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ConfigError(f"Model spec {spec!r} is not 'package.module:factory'.", "Write it as e.g. 'mypkg.models:build'.")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise ConfigError(
+            f"Could not import model module {mod_name!r} ({type(exc).__name__}: {exc}).",
+            "Make sure the package is installed on every client (pip install it) and the name is spelled right.",
+        ) from exc
+    factory = module
+    try:
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except AttributeError:
+        raise ConfigError(
+            f"Module {mod_name!r} has no attribute {attr!r}.",
+            f"Check the factory name after ':' in {spec!r}.",
+        ) from None
+    if not callable(factory):
+        raise ConfigError(f"{spec!r} is not callable.", "Point at a function or class that builds an nn.Module.")
+    try:
+        model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    except Exception as exc:
+        raise ConfigError(
+            f"Model factory {spec!r} failed: {type(exc).__name__}: {exc}.",
+            "It is called as factory(input_shape=..., num_classes=...); make it accept those keywords.",
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"Model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module.", "Return an nn.Module.")
+    return model
+
+
+def _validate_for_dp(model: nn.Module, name: str) -> None:
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        msgs = "; ".join(str(e) for e in errors[:5])
+        raise ConfigError(
+            f"Model {name!r} cannot be trained with DP-SGD: {msgs}.",
+            "Replace BatchNorm with GroupNorm/LayerNorm (opacus.validators.ModuleValidator.fix(model) does it) "
+            "and avoid modules Opacus cannot compute per-sample gradients for.",
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
