@@ -1,0 +1,178 @@
+"""The durable per-organization privacy ledger (fedveil.clients.ledger)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedveil.clients.ledger import PrivacyLedger, compute_epsilon
+from fedveil.platform.errors import BudgetExhausted, FedveilError
+
+DS = "a1b2c3d4e5f60718"
+DELTA = 1e-5
+
+
+def _opacus_eps(history, accountant="rdp", delta=DELTA):
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+def test_empty_ledger_is_zero(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    assert led.epsilon(DS, DELTA) == 0.0 and led.history(DS) == []
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_matches_fresh_opacus_accountant(tmp_path, accountant):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    hist = [(1.1, 0.05, 40), (0.9, 0.08, 25), (1.1, 0.05, 40), (1.5, 0.02, 100)]
+    for i, (s, q, n) in enumerate(hist):
+        led.charge(DS, "run1", f"t{i}", s, q, n, DELTA, budget=1e9, accountant=accountant)
+    want = _opacus_eps(hist, accountant)
+    got = led.epsilon(DS, DELTA, accountant)
+    assert got == pytest.approx(want, rel=1e-6 if accountant == "rdp" else 2e-2)
+    assert got > 0.5
+    # epsilon_after of the last row is what the ledger reported for that charge
+    assert led.history(DS)[-1]["epsilon_after"] == pytest.approx(got, rel=1e-6)
+
+
+def test_composes_across_runs_and_instances(tmp_path):
+    path = tmp_path / "org.db"
+    e1 = PrivacyLedger(path, "org-a").charge(DS, "run1", "r1", 1.0, 0.05, 100, DELTA, budget=50)
+    # a later run, a new process/instance, the same data: the budget composes
+    led2 = PrivacyLedger(path, "org-a")
+    assert led2.epsilon(DS, DELTA) == pytest.approx(e1)
+    e2 = led2.charge(DS, "run2", "r1", 1.0, 0.05, 100, DELTA, budget=50)
+    assert e2 > e1 * 1.2
+    assert e2 == pytest.approx(_opacus_eps([(1.0, 0.05, 200)]), rel=1e-9)
+    # another dataset has its own budget
+    assert led2.epsilon("other-data", DELTA) == 0.0
+    assert [h["run_id"] for h in led2.history(DS)] == ["run1", "run2"]
+
+
+def test_preview_does_not_charge(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    p = led.preview(DS, 1.0, 0.05, 100, DELTA)
+    assert p == pytest.approx(_opacus_eps([(1.0, 0.05, 100)]))
+    assert led.epsilon(DS, DELTA) == 0.0
+    assert led.charge(DS, "r", "t", 1.0, 0.05, 100, DELTA, budget=100) == pytest.approx(p)
+
+
+def test_budget_exhaustion(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    one = led.preview(DS, 1.0, 0.05, 100, DELTA)
+    two = led.preview(DS, 1.0, 0.05, 200, DELTA)
+    budget = (one + two) / 2  # room for one round, not two
+    led.charge(DS, "run1", "r1", 1.0, 0.05, 100, DELTA, budget=budget)
+    with pytest.raises(BudgetExhausted) as ei:
+        led.charge(DS, "run1", "r2", 1.0, 0.05, 100, DELTA, budget=budget)
+    msg = str(ei.value)
+    assert f"spent epsilon={one:.4g}" in msg and f"budget of {budget:.4g}" in msg and "this round would cost" in msg
+    assert "privacy budget in the organization's config" in ei.value.fix
+    assert len(led.history(DS)) == 1  # nothing was charged
+    assert led.epsilon(DS, DELTA) == pytest.approx(one)
+    # a smaller round that fits still goes through
+    led.charge(DS, "run1", "r3", 3.0, 0.05, 10, DELTA, budget=budget)
+    assert len(led.history(DS)) == 2
+
+
+def test_idempotent_per_task(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    e = led.charge(DS, "run1", "task-7", 1.0, 0.05, 50, DELTA, budget=10)
+    assert led.charge(DS, "run1", "task-7", 1.0, 0.05, 50, DELTA, budget=10) == e
+    assert len(led.history(DS)) == 1 and led.epsilon(DS, DELTA) == pytest.approx(e)
+    # retried with different work: refuse rather than silently under-charge
+    with pytest.raises(FedveilError, match="already charged"):
+        led.charge(DS, "run1", "task-7", 1.0, 0.05, 500, DELTA, budget=10)
+    # same task id in another run is a different charge
+    led.charge(DS, "run2", "task-7", 1.0, 0.05, 50, DELTA, budget=10)
+    assert len(led.history(DS)) == 2
+
+
+def test_bad_inputs_and_wrong_org(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    with pytest.raises(FedveilError, match="Sample rate"):
+        led.charge(DS, "r", "t", 1.0, 1.5, 10, DELTA, budget=10)
+    with pytest.raises(FedveilError, match="accountant"):
+        led.epsilon(DS, DELTA, accountant="gdp")
+    with pytest.raises(FedveilError, match="belongs to organization 'org-a'"):
+        PrivacyLedger(tmp_path / "org.db", "org-b")
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(FedveilError, match="not a readable SQLite ledger"):
+        PrivacyLedger(tmp_path / "junk.db", "org-a")
+
+
+def test_sigma_zero_is_infinite(tmp_path):
+    assert compute_epsilon([(0.0, 0.1, 10)], DELTA) == float("inf")
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    with pytest.raises(BudgetExhausted):
+        led.charge(DS, "r", "t", 0.0, 0.1, 10, DELTA, budget=100)
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    from fedveil.clients.ledger import PrivacyLedger
+    path, mode = sys.argv[1], sys.argv[2]
+    led = PrivacyLedger(path, "org-a")
+    if mode == "exit_after_charge":
+        led.charge("DS", "run1", "t0", 1.0, 0.05, 100, 1e-5, budget=100)
+        os._exit(0)  # no cleanup, no close: like a crash right after the charge returned
+    for i in range(100000):  # charge until killed; report each charge after it returns
+        led.charge("DS", "run1", f"t{i}", 1.0, 0.01, 1, 1e-5, budget=1e6)
+        sys.stdout.write(f"{i}\\n"); sys.stdout.flush()
+""")
+
+
+def test_crash_right_after_charge_keeps_it(tmp_path):
+    path = tmp_path / "org.db"
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(path), "exit_after_charge"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    led = PrivacyLedger(path, "org-a")
+    assert len(led.history("DS")) == 1
+    assert led.epsilon("DS", DELTA) == pytest.approx(_opacus_eps([(1.0, 0.05, 100)]))
+
+
+def test_sigkill_mid_charging_loses_nothing_and_is_not_corrupt(tmp_path):
+    path = tmp_path / "org.db"
+    PrivacyLedger(path, "org-a")  # create the schema first
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), "loop"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reported = -1
+    try:
+        deadline = time.time() + 60
+        while reported < 15 and time.time() < deadline:  # let it charge a few times, then kill it mid-flight
+            line = proc.stdout.readline()
+            if not line:
+                break
+            reported = int(line)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert reported >= 15, proc.stderr.read().decode()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    led = PrivacyLedger(path, "org-a")
+    hist = led.history("DS")
+    # every charge the child saw return is there (it may have committed one more before dying)
+    assert len(hist) >= reported + 1
+    assert [h["task_id"] for h in hist] == [f"t{i}" for i in range(len(hist))]
+    assert led.epsilon("DS", DELTA) == pytest.approx(_opacus_eps([(1.0, 0.01, len(hist))]), rel=1e-9)
+    # the ledger keeps working after the crash
+    led.charge("DS", "run2", "t0", 1.0, 0.01, 1, DELTA, budget=1e6)
+
+
+def test_ledger_uses_wal_and_full_sync(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    con = led._connect()
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    con.close()
