@@ -187,6 +187,13 @@ class MetricsStore:
             conn.execute(sa.delete(rounds).where(rounds.c.run_id == run_id, rounds.c.round == round))
             conn.execute(rounds.insert().values(**row))
 
+    def set_round_evaluation(self, run_id: str, round: int, accuracy: float | None, loss: float | None) -> None:
+        """Fill in a round's global accuracy once clients have evaluated the model it produced."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                rounds.update().where(rounds.c.run_id == run_id, rounds.c.round == round).values(accuracy=accuracy, loss=loss)
+            )
+
     def record_client_round(self, run_id: str, round: int, org: str, status: str, **values: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(

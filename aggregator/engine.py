@@ -1,0 +1,412 @@
+"""The server's round engine: handshake, synchronous rounds through the proxy tier, checkpoints.
+
+It reads top to bottom like one round of DESIGN §5: sample, send `train`, collect what arrives
+before the deadline, forward each proxy the payloads addressed to it, combine the partials,
+apply the server optimizer, checkpoint, record. It knows secure modes only through
+`fedveil.secure.modes`, so a new mode needs no change here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedveil.aggregator import checkpoint
+from fedveil.aggregator.optimizers import ServerOptimizer
+from fedveil.platform import messages as wire
+from fedveil.platform.config import FedveilConfig
+from fedveil.platform.errors import FedveilError
+from fedveil.platform.params import flatten, unflatten
+from fedveil.platform.store import MetricsStore
+from fedveil.secure.modes import ServerKeyring, get_mode
+
+log = logging.getLogger("fedveil.server")
+
+
+@dataclass
+class Node:
+    node_id: int
+    role: str
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Roster:
+    clients: dict[int, Node] = field(default_factory=dict)
+    proxies: dict[int, Node] = field(default_factory=dict)
+
+    def proxy_by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.proxies.values()}
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2) -> dict[int, Message]:
+    """Push messages and pull replies until all arrive or the deadline passes; late nodes are absent."""
+    if not messages:
+        return {}
+    for m in messages:
+        m.metadata.ttl = max(timeout, 1.0)
+    dst = {}
+    ids = list(grid.push_messages(messages))
+    for mid, m in zip(ids, messages):
+        dst[mid] = m.metadata.dst_node_id
+    pending = set(i for i in ids if i)
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            pending.discard(mid)
+            replies[dst.get(mid, reply.metadata.src_node_id)] = reply
+        if pending:
+            time.sleep(poll)
+    return replies
+
+
+def reply_ok(reply: Message) -> tuple[str, dict[str, Any]]:
+    """(status, info) of a reply; a Flower-level error becomes status `error`."""
+    if reply.has_error():
+        return wire.ERROR, {"message": f"node error: {reply.error.reason}"}
+    info = wire.reply_status(reply.content)
+    return str(info.get("status", wire.ERROR)), info
+
+
+class Federation:
+    """One run of the federation, as seen from the server. Single writer of the metrics store."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: FedveilConfig,
+        store: MetricsStore,
+        run_id: str,
+        *,
+        workdir: Path,
+        server_keys: ServerKeyring | None = None,
+        resume: bool = False,
+        progress: Callable[[str], None] | None = None,
+        handshake_timeout: float = 120.0,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.store = store
+        self.run_id = run_id
+        self.workdir = workdir
+        self.server_keys = server_keys or ServerKeyring()
+        self.resume = resume
+        self.progress = progress or (lambda text: log.info(text))
+        self.handshake_timeout = handshake_timeout
+        self.mode = get_mode(cfg.federation.secure)
+        self.optimizer = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, cfg.server.beta1, cfg.server.beta2,
+                                         cfg.server.tau)
+        self.rng = random.Random(cfg.federation.seed)
+        self.roster = Roster()
+        self.like: list[np.ndarray] = []
+        self.weights = np.zeros(0)
+
+    # ---- events -------------------------------------------------------------------------
+    def event(self, kind: str, message: str, *, level: str = "info", source: str = "", round: int | None = None) -> None:
+        self.store.record_event(self.run_id, kind, message, level=level, source=source, round=round)
+        (log.warning if level in ("warn", "error") else log.info)(message)
+        if level in ("warn", "error"):
+            self.progress(f"[{level}] {message}")
+
+    def _task_content(self, task: dict[str, Any], arrays: list[np.ndarray] | None = None) -> RecordDict:
+        content = RecordDict({"task": wire.json_record({**task, "config": self.cfg.to_json()})})
+        if arrays is not None:
+            content["global"] = wire.weights_record(arrays)
+        return content
+
+    # ---- handshake ----------------------------------------------------------------------
+    def handshake(self) -> Roster:
+        """Discover roles until enough clients and proxies answered (nodes may still be connecting)."""
+        need_proxies = 2 if self.cfg.federation.secure == "secret-sharing" else 1
+        need_clients = self.cfg.federation.min_clients
+        expected = {p for p in self.cfg.proxies.names}
+        deadline = time.monotonic() + self.handshake_timeout
+        asked: set[int] = set()
+        while time.monotonic() < deadline:
+            fresh = [n for n in self.grid.get_node_ids() if n not in asked]
+            msgs = [Message(self._task_content({"run_id": self.run_id}), n, wire.HELLO) for n in fresh]
+            for node_id, reply in exchange(self.grid, msgs, timeout=60).items():
+                asked.add(node_id)
+                status, info = reply_ok(reply)
+                if status != wire.OK:
+                    self.event("error", f"node {node_id} ({info.get('name', '?')}) cannot join: {info.get('message')}",
+                               level="error", source=str(info.get("name", node_id)))
+                    continue
+                node = Node(node_id, info["role"], info["name"], info)
+                (self.roster.proxies if node.role == "proxy" else self.roster.clients)[node_id] = node
+                self.store.upsert_node(self.run_id, str(node_id), role=node.role, name=node.name, status="online",
+                                       info=info)
+                self.progress(f"joined: {node.role} {node.name}")
+            have_proxies = {n.name for n in self.roster.proxies.values()}
+            if len(self.roster.clients) >= need_clients and len(have_proxies) >= need_proxies and (
+                expected <= have_proxies or not expected
+            ) and len(self.roster.clients) >= self._expected_clients():
+                break
+            time.sleep(1.0)
+        if len(self.roster.clients) < need_clients or len(self.roster.proxies) < need_proxies:
+            raise FedveilError(
+                f"only {len(self.roster.clients)} client(s) and {len(self.roster.proxies)} proxy(ies) joined within "
+                f"{self.handshake_timeout:.0f}s; need {need_clients} clients and {need_proxies} proxies",
+                "start more `fedveil client` / `fedveil proxy` nodes against this SuperLink, or lower "
+                "federation.min_clients",
+            )
+        return self.roster
+
+    def _expected_clients(self) -> int:
+        return max(len(self.cfg.orgs), self.cfg.federation.min_clients)
+
+    # ---- model --------------------------------------------------------------------------
+    def init_model(self) -> int:
+        """Initial global weights (or the checkpoint's); returns the first round to run."""
+        shapes = {tuple(n.info["input_shape"]) for n in self.roster.clients.values()}
+        classes = {int(n.info["num_classes"]) for n in self.roster.clients.values()}
+        if len(shapes) != 1 or len(classes) != 1:
+            raise FedveilError(
+                f"organizations disagree on the data schema: input shapes {sorted(shapes)}, classes {sorted(classes)}",
+                "every organization must provide the same features and label set",
+            )
+        import torch
+
+        from fedveil.clients.node import build_model, model_arrays
+
+        torch.manual_seed(self.cfg.federation.seed)
+        model = build_model(self.cfg, next(iter(shapes)), next(iter(classes)))
+        self.like = model_arrays(model)
+        self.weights = flatten(self.like)
+        if self.resume:
+            ckpt = checkpoint.load(self.checkpoint_dir)
+            if ckpt is not None and ckpt.weights.size == self.weights.size:
+                self.weights = ckpt.weights
+                self.optimizer.load_state(ckpt.optimizer)
+                self.event("info", f"resumed from checkpoint after round {ckpt.round}")
+                return ckpt.round + 1
+            self.event("info", "no usable checkpoint found; starting from round 1", level="warn")
+        return 1
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.server.checkpoint_dir or self.workdir / "checkpoints") / self.cfg.federation.name
+
+    def global_arrays(self) -> list[np.ndarray]:
+        return unflatten(self.weights, self.like)
+
+    # ---- one synchronous round ----------------------------------------------------------
+    def sample_clients(self) -> list[Node]:
+        clients = sorted(self.roster.clients.values(), key=lambda n: n.node_id)
+        k = self.cfg.federation.clients_per_round
+        return clients if k <= 0 or k >= len(clients) else sorted(self.rng.sample(clients, k), key=lambda n: n.node_id)
+
+    def run_round(self, rnd: int) -> bool:
+        """Run one synchronous round; returns True if the global model was updated."""
+        started = time.time()
+        fed = self.cfg.federation
+        task_id = f"{self.run_id}:round-{rnd}"
+        sampled = self.sample_clients()
+        proxy_names = sorted(self.roster.proxy_by_name())
+        assignment = self.mode.assign([str(n.node_id) for n in sampled], proxy_names, fed.min_aggregate)
+        self.progress(f"round {rnd}/{fed.rounds}: training on {len(sampled)} client(s)")
+
+        arrays = self.global_arrays()
+        msgs = [
+            Message(
+                self._task_content({"run_id": self.run_id, "task_id": task_id, "round": rnd,
+                                    "proxies": assignment[str(n.node_id)]}, arrays),
+                n.node_id, wire.TRAIN, group_id=str(rnd),
+            )
+            for n in sampled
+        ]
+        replies = exchange(self.grid, msgs, timeout=fed.round_timeout)
+        contributions = self._collect_train_replies(rnd, sampled, replies)
+        self._record_previous_round_accuracy(rnd, replies)
+
+        if len(contributions) < fed.min_clients:
+            self.event("round_skipped", f"round {rnd}: only {len(contributions)} update(s), need "
+                       f"federation.min_clients={fed.min_clients}; the global model is unchanged", level="warn", round=rnd)
+            self._record_round(rnd, started, participants=0, stats={})
+            return False
+        total, included, stats = self._aggregate(rnd, task_id, contributions)
+        if total is None:
+            self._record_round(rnd, started, participants=0, stats=stats)
+            return False
+        n_total = sum(contributions[cid]["n"] for cid in included)
+        mean_delta = total / n_total
+        if not np.all(np.isfinite(mean_delta)):
+            self.event("rejected", f"round {rnd}: aggregate is not finite; update discarded", level="error", round=rnd)
+            self._record_round(rnd, started, participants=0, stats=stats)
+            return False
+        self.weights = self.optimizer.step(self.weights, mean_delta)
+        checkpoint.save(self.checkpoint_dir, checkpoint.Checkpoint(rnd, self.weights, self.optimizer.state(),
+                                                                   {"run_id": self.run_id}))
+        self._record_round(rnd, started, participants=len(included), stats=stats)
+        return True
+
+    def _collect_train_replies(self, rnd: int, sampled: list[Node], replies: dict[int, Message]) -> dict[str, dict]:
+        """Record every sampled client's outcome; return the usable contributions by client id."""
+        contributions: dict[str, dict] = {}
+        for node in sampled:
+            reply = replies.get(node.node_id)
+            if reply is None:
+                self.event("dropout", f"round {rnd}: {node.name} did not reply before the deadline "
+                           f"({self.cfg.federation.round_timeout:.0f}s); it is left out of this round",
+                           level="warn", source=node.name, round=rnd)
+                self.store.record_client_round(self.run_id, rnd, node.name, "dropped", node_id=str(node.node_id))
+                continue
+            status, info = reply_ok(reply)
+            metrics = wire.reply_metrics(reply.content) if not reply.has_error() else {}
+            self._record_client(rnd, node, status, metrics)
+            if status == wire.BUDGET_EXHAUSTED:
+                self.event("budget_exhausted", info.get("message", f"{node.name} declined: budget exhausted"),
+                           level="warn", source=node.name, round=rnd)
+                continue
+            if status != wire.OK:
+                self.event("error", f"round {rnd}: {node.name}: {info.get('message', status)}", level="error",
+                           source=node.name, round=rnd)
+                continue
+            contributions[str(node.node_id)] = {
+                "name": node.name, "n": int(metrics.get("num_samples", 0)), "metrics": metrics,
+                "payloads": wire.reply_blobs(reply.content),
+            }
+        return contributions
+
+    def _record_client(self, rnd: int, node: Node, status: str, m: dict[str, float]) -> None:
+        steps = m.get("steps")
+        self.store.record_client_round(
+            self.run_id, rnd, node.name, status, node_id=str(node.node_id),
+            num_samples=int(m.get("num_samples", 0)), accuracy=m.get("val_accuracy"), loss=m.get("val_loss"),
+            epsilon=m.get("epsilon"), delta=m.get("delta"), budget=m.get("budget"),
+            noise_multiplier=m.get("noise_multiplier"), sample_rate=m.get("sample_rate"),
+            steps=None if steps is None else int(steps), accountant=self.cfg.privacy.accountant,
+            train_seconds=m.get("train_seconds"), bytes_up=int(m.get("bytes_up", 0)),
+        )
+
+    def _record_previous_round_accuracy(self, rnd: int, replies: dict[int, Message]) -> None:
+        """Clients evaluated the model of round rnd-1 before training: that is its global accuracy."""
+        if rnd <= 1:
+            return
+        evals = [wire.reply_metrics(r.content) for r in replies.values() if not r.has_error()]
+        self._store_weighted_eval(rnd - 1, evals, "num_samples")
+
+    def _store_weighted_eval(self, rnd: int, evals: list[dict[str, float]], weight_key: str) -> tuple[float, float] | None:
+        evals = [e for e in evals if "val_accuracy" in e and e.get(weight_key, 0) > 0]
+        if not evals:
+            return None
+        w = np.array([e[weight_key] for e in evals])
+        acc = float(np.dot(w, [e["val_accuracy"] for e in evals]) / w.sum())
+        loss = float(np.dot(w, [e["val_loss"] for e in evals]) / w.sum())
+        self.store.set_round_evaluation(self.run_id, rnd, acc, loss)
+        return acc, loss
+
+    def _aggregate(self, rnd: int, task_id: str, contributions: dict[str, dict]) -> tuple[np.ndarray | None, list[str], dict]:
+        """Forward each proxy the payloads addressed to it; combine the partials into sum n_i delta_i."""
+        fed = self.cfg.federation
+        by_name = self.roster.proxy_by_name()
+        length = int(self.weights.size)
+        groups: dict[str, dict[str, bytes]] = {}
+        for cid, c in contributions.items():
+            for proxy_name, blob in c["payloads"].items():
+                groups.setdefault(proxy_name, {})[cid] = blob
+        msgs = []
+        for proxy_name, payloads in sorted(groups.items()):
+            content = RecordDict({
+                "task": wire.json_record({"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name,
+                                          "length": length, "min_aggregate": fed.min_aggregate}),
+                "payloads": wire.blobs_record(payloads),
+            })
+            msgs.append(Message(content, by_name[proxy_name].node_id, wire.AGGREGATE, group_id=str(rnd)))
+        replies = exchange(self.grid, msgs, timeout=fed.round_timeout)
+        partials, included_sets, combine = [], [], []
+        for proxy_name in sorted(groups):
+            node = by_name[proxy_name]
+            reply = replies.get(node.node_id)
+            if reply is None:
+                self.event("dropout", f"round {rnd}: proxy {proxy_name} did not answer", level="warn",
+                           source=proxy_name, round=rnd)
+                continue
+            status, info = reply_ok(reply)
+            for cid, reason in (info.get("rejected") or {}).items():
+                who = contributions.get(cid, {}).get("name", cid)
+                self.event("rejected", f"round {rnd}: proxy {proxy_name} rejected {who}'s payload: {reason}",
+                           level="warn", source=proxy_name, round=rnd)
+            if status != wire.OK:
+                self.event("refused" if status == wire.REFUSED else "error",
+                           f"round {rnd}: proxy {proxy_name}: {info.get('message', status)}", level="warn",
+                           source=proxy_name, round=rnd)
+                continue
+            partials.append(wire.reply_blobs(reply.content)["partial"])
+            included_sets.append(list(info["included"]))
+            combine.append(wire.reply_metrics(reply.content).get("combine_seconds", 0.0))
+        stats = {
+            "bytes_up": int(sum(c["metrics"].get("bytes_up", 0) for c in contributions.values())),
+            "protect_seconds": float(np.mean([c["metrics"].get("protect_seconds", 0.0) for c in contributions.values()])),
+            "combine_seconds": float(max(combine, default=0.0)),
+        }
+        shared = all(len(c["payloads"]) == len(by_name) and len(by_name) > 1 for c in contributions.values())
+        if shared and (len(partials) != len(groups) or any(set(s) != set(included_sets[0]) for s in included_sets)):
+            self.event("round_skipped", f"round {rnd}: the proxies did not all combine the same clients; an additive "
+                       "share set is only decodable as a whole, so this round is dropped", level="warn", round=rnd)
+            return None, [], stats
+        if not partials:
+            self.event("round_skipped", f"round {rnd}: no proxy returned an aggregate", level="warn", round=rnd)
+            return None, [], stats
+        included = sorted(set(included_sets[0]) if shared else {c for s in included_sets for c in s})
+        start = time.perf_counter()
+        total = self.mode.finish(partials, length, self.server_keys)
+        stats["finish_seconds"] = time.perf_counter() - start
+        return total, included, stats
+
+    def _record_round(self, rnd: int, started: float, participants: int, stats: dict) -> None:
+        finished = time.time()
+        self.store.record_round(
+            self.run_id, rnd, started_at=started, finished_at=finished, seconds=finished - started,
+            participants=participants, bytes_up=int(stats.get("bytes_up", 0)),
+            protect_seconds=float(stats.get("protect_seconds", 0.0)),
+            combine_seconds=float(stats.get("combine_seconds", 0.0)),
+            finish_seconds=float(stats.get("finish_seconds", 0.0)),
+        )
+
+    # ---- the whole run ------------------------------------------------------------------
+    def final_evaluation(self, rnd: int) -> tuple[float, float] | None:
+        """Clients evaluate the final model on their validation splits (no training, no ε spent)."""
+        arrays = self.global_arrays()
+        msgs = [Message(self._task_content({"run_id": self.run_id}, arrays), n.node_id, wire.EVALUATE)
+                for n in self.roster.clients.values()]
+        replies = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
+        evals = [wire.reply_metrics(r.content) for r in replies.values()
+                 if not r.has_error() and reply_ok(r)[0] == wire.OK]
+        return self._store_weighted_eval(rnd, evals, "num_val")
+
+    def run(self) -> dict[str, Any]:
+        fed = self.cfg.federation
+        if fed.mode == "async":
+            raise FedveilError("asynchronous rounds are not available in this release",
+                               "use federation.mode = 'sync' or 'semi-sync'")
+        self.store.create_run(self.run_id, mode=fed.mode, secure=fed.secure, name=fed.name,
+                              dataset=self.cfg.data.source, model=self.cfg.model.name, rounds_planned=fed.rounds,
+                              config=self.cfg.model_dump())
+        if fed.secure == "none":
+            self.event("insecure", "secure mode 'none': proxies see every update in the clear. Use it only for "
+                       "comparisons, never with real data", level="warn")
+        try:
+            self.handshake()
+            first = self.init_model()
+            last = first - 1
+            for rnd in range(first, fed.rounds + 1):
+                self.run_round(rnd)
+                last = rnd
+            result = self.final_evaluation(last) if last >= 1 else None
+            self.store.finish_run(self.run_id, "completed")
+            return {"rounds": last, "accuracy": None if result is None else result[0]}
+        except BaseException as exc:
+            self.store.finish_run(self.run_id, "failed", message=str(exc))
+            raise

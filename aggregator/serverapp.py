@@ -1,0 +1,44 @@
+"""The ServerApp: Flower's entry point for the coordinator. It wires config, store and keys to the engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+def _run_config(context: Context) -> dict:
+    return {k: v for k, v in context.run_config.items()}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedveil.aggregator.engine import Federation
+    from fedveil.platform import config as config_mod
+    from fedveil.platform.store import MetricsStore, store_url
+
+    rc = _run_config(context)
+    cfg = config_mod.load(str(rc.get("config", "")) or None)
+    overrides = json.loads(str(rc.get("overrides", "") or "{}"))
+    cfg = config_mod.with_overrides(cfg, overrides)
+    workdir = Path(str(rc.get("workdir", "")) or ".").resolve()
+    url = str(rc.get("store", "")) or cfg.server.store or store_url(workdir)
+    store = MetricsStore(url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedveil %(levelname)s %(message)s")
+    server_keys = None
+    keys_dir = str(rc.get("keys", "")) or cfg.secure.keys_dir
+    if keys_dir:
+        from fedveil.secure.keys import load_server_keyring_dir
+
+        server_keys = load_server_keyring_dir(keys_dir)
+    run_id = str(rc.get("run-name", "")) or f"run-{context.run_id}"
+    try:
+        Federation(grid, cfg, store, run_id, workdir=workdir, server_keys=server_keys,
+                   resume=bool(rc.get("resume", False))).run()
+    finally:
+        store.close()

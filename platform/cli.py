@@ -1,0 +1,387 @@
+"""The `fedveil` command. Each subcommand is a thin layer over the platform and role modules.
+
+Expected failures (FedveilError) print the problem and the fix and exit with status 2; a stack
+trace is printed only for bugs, and only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fedveil.platform.errors import FedveilError
+
+SECURE_MODES = ("none", "secret-sharing", "ckks")
+ROUND_MODES = ("sync", "semi-sync", "async")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---- demo -----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedveil.platform import config as config_mod
+    from fedveil.platform.federation import LocalFederation, demo_orgs
+    from fedveil.platform.store import MetricsStore
+
+    cfg = config_mod.load(args.config)
+    overrides: dict[str, Any] = {
+        "federation.rounds": args.rounds, "federation.secure": args.secure, "federation.mode": args.mode,
+        "data.source": args.dataset,
+    }
+    if args.proxies is not None:
+        overrides["proxies.names"] = [f"proxy-{i + 1}" for i in range(args.proxies)]
+    cfg = config_mod.with_overrides(cfg, overrides)
+    if args.clients is not None or not cfg.orgs:
+        orgs = demo_orgs(args.clients or 3)
+        cfg = config_mod.with_overrides(cfg, {"orgs": [o.model_dump(exclude_none=True) for o in orgs]})
+    if args.clients is not None and cfg.federation.min_clients > len(cfg.orgs):
+        raise FedveilError(f"--clients {len(cfg.orgs)} is below federation.min_clients={cfg.federation.min_clients}",
+                           "use more clients or lower federation.min_clients in the config")
+    workdir = Path(args.workdir or "fedveil-demo").resolve()
+    run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fed = LocalFederation(cfg, workdir, progress=_say)
+    dashboard = None
+    _say(f"fedveil demo: {len(cfg.orgs)} organizations, {len(cfg.proxies.names)} proxies, "
+         f"{cfg.federation.rounds} {cfg.federation.mode} rounds, secure={cfg.federation.secure}, "
+         f"data={cfg.data.source}, work dir {workdir}")
+    if cfg.federation.secure == "none":
+        _say("WARNING: --secure none sends plaintext updates to the proxies; use it only for comparisons.")
+    try:
+        fed.start()
+        if not args.no_dashboard:
+            dashboard = _start_dashboard(fed.store_url, args.port)
+        fed.submit(run_name)
+        _say(f"run {run_name} submitted; waiting for nodes to join")
+        started = time.monotonic()
+
+        def on_round(row: dict) -> None:
+            _say(f"  round {row['round']:>3}/{cfg.federation.rounds}: {row['participants']} participant(s), "
+                 f"{row['seconds']:.1f}s (elapsed {time.monotonic() - started:.0f}s)")
+
+        run = fed.wait(run_name, timeout=args.timeout, on_round=on_round)
+    finally:
+        fed.stop()
+        if dashboard is not None:
+            _stop_process(dashboard)
+    store = MetricsStore(fed.store_url)
+    try:
+        _print_summary(store, run_name)
+    finally:
+        store.close()
+    return 0 if run["status"] == "completed" else 1
+
+
+def _print_summary(store, run_name: str) -> None:
+    run = store.get_run(run_name)
+    rounds = store.rounds(run_name)
+    final = next((r for r in reversed(rounds) if r["accuracy"] is not None), None)
+    _say(f"\nrun {run_name}: {run['status']}" + (f" ({run['message']})" if run["message"] else ""))
+    if final is not None:
+        _say(f"final accuracy {final['accuracy']:.4f}, loss {final['loss']:.4f} (after round {final['round']})")
+    _say("privacy spent per organization (ledger ε, all runs on this data):")
+    for c in store.latest_client_status(run_name):
+        eps = "n/a" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
+        _say(f"  {c['org']:<14} ε={eps:<8} δ={c['delta'] if c['delta'] is not None else 'n/a'}  "
+             f"budget={c['budget'] if c['budget'] is not None else 'n/a'}  last status={c['status']}")
+
+
+def _start_dashboard(url: str, port: int | None):
+    try:
+        from fedveil.dashboard.serve import serve
+    except ImportError:
+        return None
+    from fedveil.platform.launcher import free_port
+
+    port = port or free_port()
+    proc = serve(url, port=port, background=True)
+    _say(f"dashboard: http://127.0.0.1:{port}")
+    return proc
+
+
+def _stop_process(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except Exception:  # noqa: BLE001
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---- deployment roles ---------------------------------------------------------------------------
+def _run_foreground(argv: list[str], env: dict[str, str]) -> int:
+    """Run a Flower process in the foreground; Ctrl-C stops it (and its children) cleanly."""
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        return 130
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FedveilError(f"server.superlink {address!r} is not HOST:PORT", "set server.superlink = \"host:9092\"")
+    return host, int(port)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedveil.platform import config as config_mod, launcher
+    from fedveil.platform.store import MetricsStore, store_url
+
+    cfg = config_mod.load(args.config)
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    host, port = _split_address(args.superlink or cfg.server.superlink)
+    env = launcher.flower_env(workdir)
+    tls = _tls_files(args.keys) if args.keys else None
+    with launcher.ProcessGroup(workdir) as group:
+        link = group.start("superlink", launcher.superlink_argv(host, port, workdir, tls, auth=tls is not None), env)
+        launcher.wait_for_port("127.0.0.1" if host in ("0.0.0.0", "") else host, port, 60, link, "flower-superlink")
+        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        launcher.write_connection(Path(env["FLWR_HOME"]), "fedveil", f"{connect_host}:{port}",
+                                  None if tls is None else tls.ca_cert)
+        _say(f"SuperLink listening on {host}:{port}; logs in {workdir / 'logs'}")
+        run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        url = cfg.server.store or store_url(workdir)
+        run_config = {"config": str(Path(args.config).resolve()), "workdir": str(workdir), "store": url,
+                      "run-name": run_name, "resume": bool(args.resume)}
+        if args.keys:
+            run_config["keys"] = str(Path(args.keys).resolve() / "server")
+        launcher.submit_run(workdir, "fedveil", run_config, env)
+        _say(f"run {run_name} submitted; waiting for proxies and clients (Ctrl-C to stop)")
+        store = MetricsStore(url)
+        seen: set[int] = set()
+        try:
+            while True:
+                run = store.get_run(run_name)
+                for row in store.rounds(run_name) if run else []:
+                    if row["round"] not in seen:
+                        seen.add(row["round"])
+                        _say(f"  round {row['round']}/{cfg.federation.rounds}: {row['participants']} participant(s)")
+                if run is not None and run["status"] != "running":
+                    _print_summary(store, run_name)
+                    return 0 if run["status"] == "completed" else 1
+                if link.poll() is not None:
+                    raise FedveilError("the SuperLink stopped unexpectedly", f"see {workdir / 'logs' / 'superlink.log'}")
+                time.sleep(2)
+        except KeyboardInterrupt:
+            _say("stopping")
+            return 130
+        finally:
+            store.close()
+
+
+def _tls_files(keys: str):
+    from fedveil.platform.launcher import TlsFiles
+
+    root = Path(keys) / "server"
+    return TlsFiles(ca_cert=root / "ca.pem", server_cert=root / "superlink.pem", server_key=root / "superlink.key")
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from fedveil.platform import config as config_mod, launcher
+
+    cfg = config_mod.load(args.config)
+    if args.name not in cfg.proxies.names:
+        raise FedveilError(f"proxy {args.name!r} is not listed in proxies.names {cfg.proxies.names}",
+                           "add it to [proxies] names in the federation config, or pass a listed --name")
+    workdir = Path(args.workdir or f"fedveil-{args.name}").resolve()
+    node_config = {"role": "proxy", "name": args.name, "workdir": str(workdir),
+                   "min-aggregate": cfg.federation.min_aggregate}
+    return _start_supernode(args, cfg, workdir, node_config)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedveil.platform import config as config_mod
+    from fedveil.clients.node import ClientIdentity, load_datasets
+
+    cfg = config_mod.load(args.config)
+    workdir = Path(args.workdir or f"fedveil-{args.org}").resolve()
+    node_config = {"role": "client", "name": args.org, "workdir": str(workdir), "config": str(Path(args.config).resolve()),
+                   "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
+                   "index": args.index, "num-orgs": args.num_orgs}
+    # Validate the data now, so a bad file is an error at start-up, not a crash mid-round.
+    train, val = load_datasets(ClientIdentity.from_node_config(node_config), cfg)
+    _say(f"{args.org}: {len(train.y)} training and {len(val.y)} validation records, "
+         f"{train.num_classes} classes; privacy budget ε={cfg.org_budget(args.org):g}")
+    return _start_supernode(args, cfg, workdir, node_config)
+
+
+def _start_supernode(args: argparse.Namespace, cfg, workdir: Path, node_config: dict) -> int:
+    from fedveil.platform import launcher
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca = auth = None
+    if args.keys:
+        bundle = Path(args.keys)
+        node_config["keys"] = str(bundle.resolve())
+        ca, auth = bundle / "ca.pem", bundle / "supernode.key"
+    superlink = args.superlink or cfg.server.superlink
+    argv = launcher.supernode_argv(superlink, args.port or launcher.free_port(), node_config, ca_cert=ca, auth_key=auth)
+    _say(f"{node_config['role']} {node_config['name']} connecting to {superlink} (Ctrl-C to stop)")
+    return _run_foreground(argv, launcher.flower_env(workdir))
+
+
+# ---- reading the store ---------------------------------------------------------------------------
+def _store_from_args(args: argparse.Namespace):
+    from fedveil.platform.store import MetricsStore, store_url
+
+    if args.store:
+        return MetricsStore.open_readonly(args.store)
+    db = Path(args.workdir) / "fedveil.db"
+    if not db.exists():
+        raise FedveilError(f"no metrics store at {db}", "pass the --workdir of a run, or --store URL")
+    return MetricsStore.open_readonly(store_url(args.workdir))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store_from_args(args)
+    try:
+        print(json.dumps(store.export(), indent=2))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store_from_args(args)
+    try:
+        runs = store.list_runs()
+        if not runs:
+            _say("no runs yet")
+        for run in runs:
+            rounds = store.rounds(run["id"])
+            _say(f"{run['id']}: {run['status']}, {run['mode']}/{run['secure']}, "
+                 f"{len(rounds)}/{run['rounds_planned']} rounds")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from fedveil.platform.store import store_url
+
+    try:
+        from fedveil.dashboard.serve import serve
+    except ImportError as exc:
+        raise FedveilError("the dashboard is not installed", "pip install fedveil[dashboard]") from exc
+    url = args.store or store_url(args.workdir)
+    _say(f"dashboard for {url} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    proc = serve(url, port=args.port, host=args.host, password=os.environ.get("FEDVEIL_DASHBOARD_PASSWORD"),
+                 background=True)
+    try:
+        return proc.wait() if proc is not None else 0
+    except KeyboardInterrupt:
+        _stop_process(proc)
+        return 130
+
+
+# ---- argument parsing --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedveil", description="Federated, privacy-preserving learning.")
+    parser.add_argument("--debug", action="store_true", help="show stack traces for unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a whole federation on this machine, on loopback")
+    demo.add_argument("--config", help="federation TOML (defaults are used if omitted)")
+    demo.add_argument("--rounds", type=int, help="number of rounds (default: config or 5)")
+    demo.add_argument("--clients", type=int, help="number of organizations (default 3)")
+    demo.add_argument("--proxies", type=int, help="number of proxy aggregators (default 2)")
+    demo.add_argument("--dataset", help="breast_cancer, digits, wine, mnist (default: digits)")
+    demo.add_argument("--secure", choices=SECURE_MODES, help="secure aggregation mode")
+    demo.add_argument("--mode", choices=ROUND_MODES, help="round mode")
+    demo.add_argument("--workdir", help="where the store, logs and ledgers go (default ./fedveil-demo)")
+    demo.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    demo.add_argument("--port", type=int, help="dashboard port (default: a free port)")
+    demo.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    demo.set_defaults(func=cmd_demo)
+
+    server = sub.add_parser("server", help="run the SuperLink and the federation's ServerApp")
+    server.add_argument("--config", required=True, help="federation TOML")
+    server.add_argument("--workdir", default="fedveil-server", help="store, checkpoints and logs")
+    server.add_argument("--superlink", help="HOST:PORT to listen on (default: server.superlink)")
+    server.add_argument("--keys", help="bundle root from `fedveil keys init` (enables TLS and node auth)")
+    server.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    server.set_defaults(func=cmd_server)
+
+    for name, helptext in (("proxy", "run a proxy aggregator node"), ("client", "run an organization's client node")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="federation TOML")
+        p.add_argument("--superlink", help="HOST:PORT of the SuperLink (default: server.superlink)")
+        p.add_argument("--workdir", help="local state (replay guard or privacy ledger)")
+        p.add_argument("--keys", help="this node's key bundle from `fedveil keys init`")
+        p.add_argument("--port", type=int, help="local port for the SuperNode's ClientApp API")
+        if name == "proxy":
+            p.add_argument("--name", required=True, help="proxy name, as listed in proxies.names")
+            p.set_defaults(func=cmd_proxy)
+        else:
+            p.add_argument("--org", required=True, help="organization name")
+            p.add_argument("--data", help="CSV, Parquet or NPZ file, or a built-in dataset name")
+            p.add_argument("--index", type=int, default=0, help="partition index for built-in datasets")
+            p.add_argument("--num-orgs", type=int, default=1, help="partition count for built-in datasets")
+            p.set_defaults(func=cmd_client)
+
+    for name, func, helptext in (("export", cmd_export, "print the store as JSON (stable format, docs/export.md)"),
+                                 ("status", cmd_status, "summarize the runs in a store")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--workdir", default="fedveil-demo", help="work dir holding fedveil.db")
+        p.add_argument("--store", help="SQLAlchemy URL of the store (instead of --workdir)")
+        p.set_defaults(func=func)
+
+    dash = sub.add_parser("dashboard", help="serve the live Streamlit dashboard")
+    dash.add_argument("--workdir", default="fedveil-demo", help="work dir holding fedveil.db")
+    dash.add_argument("--store", help="SQLAlchemy URL of the store")
+    dash.add_argument("--port", type=int, default=8501)
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.set_defaults(func=cmd_dashboard)
+    _add_keys_parser(sub)
+    return parser
+
+
+def _add_keys_parser(sub) -> None:
+    try:
+        from fedveil.platform.provision import add_keys_parser
+    except ImportError:
+        return
+    add_keys_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FedveilError as exc:
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"fix: {exc.fix}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; stopped every process this command started", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: say so plainly, trace only on request
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the trace)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

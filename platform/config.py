@@ -1,0 +1,197 @@
+"""The federation config: one TOML file, typed and validated, with CLI flags layered on top.
+
+Every validation error names the offending key (as a dotted TOML path) and how to fix it, so a
+user never has to read a pydantic traceback to find a typo in their federation file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedveil.platform.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FederationSection(_Section):
+    name: str = "fedveil"
+    rounds: int = Field(5, ge=1, description="synchronous rounds (or async model versions)")
+    mode: Literal["sync", "semi-sync", "async"] = "sync"
+    secure: Literal["none", "secret-sharing", "ckks"] = "none"
+    min_aggregate: int = Field(2, ge=1, description="smallest number of clients any aggregate may cover")
+    min_clients: int = Field(2, ge=1, description="minimum participation for a round to count")
+    clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 = all")
+    round_timeout: float = Field(300.0, gt=0, description="round deadline in seconds")
+    seed: int = 0
+
+
+class DataSection(_Section):
+    source: str = "digits"
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_client: int = Field(2, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    label_column: str = "label"
+
+
+class ModelSection(_Section):
+    name: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [64])
+
+
+class TrainingSection(_Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    device: str = "auto"
+
+
+class PrivacySection(_Section):
+    enabled: bool = True
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    budget: float = Field(10.0, gt=0, description="default per-organization epsilon budget")
+    grad_sample_mode: Literal["auto", "hooks", "ghost", "ew", "functorch"] = "auto"
+
+    @model_validator(mode="after")
+    def _sigma_or_target(self) -> "PrivacySection":
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            self.noise_multiplier = 1.0
+        return self
+
+
+class ServerSection(_Section):
+    optimizer: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
+    lr: float = Field(1.0, gt=0, description="server learning rate")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    superlink: str = "127.0.0.1:9092"
+    store: str = ""
+    checkpoint_dir: str = ""
+
+
+class SecureSection(_Section):
+    frac_bits: int = Field(24, ge=1, le=52)
+    clip_range: float = Field(1e6, gt=0)
+    keys_dir: str = ""
+
+
+class ProxySection(_Section):
+    names: list[str] = Field(default_factory=lambda: ["proxy-1", "proxy-2"])
+
+
+class OrgSection(_Section):
+    name: str
+    data: str = ""
+    budget: float | None = Field(None, gt=0)
+    device: str = ""
+
+
+class FedveilConfig(_Section):
+    federation: FederationSection = Field(default_factory=FederationSection)
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    secure: SecureSection = Field(default_factory=SecureSection)
+    proxies: ProxySection = Field(default_factory=ProxySection)
+    orgs: list[OrgSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FedveilConfig":
+        names = [o.name for o in self.orgs]
+        if len(set(names)) != len(names):
+            raise ValueError("orgs: organization names must be unique")
+        if len(set(self.proxies.names)) != len(self.proxies.names):
+            raise ValueError("proxies.names: proxy names must be unique")
+        if self.federation.secure == "secret-sharing" and len(self.proxies.names) < 2:
+            raise ValueError("proxies.names: secret-sharing needs at least 2 proxies")
+        if self.federation.min_clients < self.federation.min_aggregate:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) must be >= federation.min_aggregate "
+                f"({self.federation.min_aggregate}), or no round could ever be aggregated"
+            )
+        return self
+
+    def org(self, name: str) -> OrgSection:
+        """An organization's own section, or a default one when the file does not list it."""
+        for org in self.orgs:
+            if org.name == name:
+                return org
+        return OrgSection(name=name)
+
+    def org_budget(self, name: str) -> float:
+        return self.org(name).budget or self.privacy.budget
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "FedveilConfig":
+        return cls.model_validate_json(text)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err.get("loc", ())) or "(file)"
+    kind = err.get("type", "")
+    msg = err.get("msg", "invalid value")
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling (see examples/federation.toml)"
+    if kind == "missing":
+        return f"{key}: required key is missing; add it"
+    given = err.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+    return f"{key}: {msg.removeprefix('Value error, ')}{shown}"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> FedveilConfig:
+    """Validate a parsed config dict, turning pydantic's errors into one readable ConfigError."""
+    try:
+        return FedveilConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(e) for e in exc.errors()]
+        raise ConfigError(
+            f"{source} is invalid:\n  - " + "\n  - ".join(lines),
+            "edit the keys listed above; examples/federation.toml documents every key",
+        ) from None
+
+
+def load(path: str | Path | None) -> FedveilConfig:
+    """Read and validate a federation TOML file (None gives the defaults)."""
+    if path is None:
+        return FedveilConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", "pass --config with the path to your federation TOML")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}", "fix the syntax at the position shown") from None
+    return validate(data, source=str(p))
+
+
+def with_overrides(cfg: FedveilConfig, overrides: dict[str, Any]) -> FedveilConfig:
+    """Apply dotted-key overrides (from CLI flags) and re-validate the whole config."""
+    data = json.loads(cfg.model_dump_json())
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(data, source="config with command-line overrides")

@@ -1,0 +1,124 @@
+"""Running a whole federation on one host: what `fedveil demo` and the end-to-end tests do.
+
+It starts a real SuperLink, proxy SuperNodes and client SuperNodes on loopback, submits the run
+with `flwr run`, follows progress through the metrics store, and always stops what it started.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli_w
+
+from fedveil.platform import launcher
+from fedveil.platform.config import FedveilConfig, OrgSection
+from fedveil.platform.errors import FedveilError
+from fedveil.platform.store import MetricsStore, store_url
+
+DEFAULT_ORG_NAMES = ("hospital-a", "hospital-b", "hospital-c", "clinic-d", "lab-e", "bank-f", "lab-g", "clinic-h")
+
+
+def demo_orgs(count: int) -> list[OrgSection]:
+    names = list(DEFAULT_ORG_NAMES[:count]) + [f"org-{i + 1}" for i in range(len(DEFAULT_ORG_NAMES), count)]
+    return [OrgSection(name=n) for n in names]
+
+
+def write_config(cfg: FedveilConfig, path: Path) -> Path:
+    """Write the effective config; the server and every local node read the same file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = cfg.model_dump(exclude_none=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+@dataclass
+class LocalFederation:
+    """A federation on loopback: one SuperLink, the configured proxies and one SuperNode per org."""
+
+    cfg: FedveilConfig
+    workdir: Path
+    keys_dir: Path | None = None
+    progress: Callable[[str], None] = print
+    processes: launcher.ProcessGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.workdir = self.workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.processes = launcher.ProcessGroup(self.workdir)
+        self.env = launcher.flower_env(self.workdir)
+        self.config_path = write_config(self.cfg, self.workdir / "federation.toml")
+        self.store_url = self.cfg.server.store or store_url(self.workdir)
+
+    def start(self) -> None:
+        port = launcher.free_port()
+        self.address = f"127.0.0.1:{port}"
+        link = self.processes.start("superlink", launcher.superlink_argv("127.0.0.1", port, self.workdir), self.env)
+        launcher.wait_for_port("127.0.0.1", port, 60, link, "flower-superlink")
+        launcher.write_connection(Path(self.env["FLWR_HOME"]), "fedveil-local", self.address)
+        self.progress(f"SuperLink on {self.address}")
+        for name in self.cfg.proxies.names:
+            self._supernode(f"proxy-{name}", {
+                "role": "proxy", "name": name, "workdir": str(self.workdir / "proxies" / name),
+                "min-aggregate": self.cfg.federation.min_aggregate,
+            })
+        for i, org in enumerate(self.cfg.orgs):
+            self._supernode(f"client-{org.name}", {
+                "role": "client", "name": org.name, "workdir": str(self.workdir / "orgs" / org.name),
+                "config": str(self.config_path), "data": org.data, "index": i, "num-orgs": len(self.cfg.orgs),
+            })
+        self.progress(f"started {len(self.cfg.proxies.names)} proxies and {len(self.cfg.orgs)} clients")
+
+    def _supernode(self, label: str, node_config: dict[str, Any]) -> None:
+        if self.keys_dir is not None:
+            node_config["keys"] = str(self.keys_dir / node_config["name"])
+        argv = launcher.supernode_argv(self.address, launcher.free_port(), node_config)
+        self.processes.start(label, argv, self.env)
+
+    def submit(self, run_name: str, resume: bool = False) -> int:
+        run_config = {"config": str(self.config_path), "workdir": str(self.workdir), "store": self.store_url,
+                      "run-name": run_name, "resume": resume}
+        if self.keys_dir is not None:
+            run_config["keys"] = str(self.keys_dir / "server")
+        self.flower_run_id = launcher.submit_run(self.workdir, "fedveil-local", run_config, self.env)
+        return self.flower_run_id
+
+    def wait(self, run_name: str, timeout: float, on_round: Callable[[dict], None] | None = None) -> dict:
+        """Follow the run in the store until it finishes; fail clearly if the ServerApp dies."""
+        store = MetricsStore(self.store_url)
+        seen_rounds: set[int] = set()
+        deadline = time.monotonic() + timeout
+        last_flower_check = 0.0
+        try:
+            while time.monotonic() < deadline:
+                run = store.get_run(run_name)
+                if run is not None:
+                    for row in store.rounds(run_name):
+                        if row["round"] not in seen_rounds:
+                            seen_rounds.add(row["round"])
+                            if on_round:
+                                on_round(row)
+                    if run["status"] != "running":
+                        return run
+                if "superlink" not in self.processes.alive():
+                    raise FedveilError("the SuperLink stopped unexpectedly", f"see {self.workdir / 'logs'}")
+                if time.monotonic() - last_flower_check > 15:
+                    last_flower_check = time.monotonic()
+                    status = launcher.run_status(self.flower_run_id, "fedveil-local", self.env,
+                                                 self.workdir / "flower-app")
+                    if status.startswith("finished") and (store.get_run(run_name) or {}).get("status") == "running":
+                        raise FedveilError(f"the ServerApp ended ({status}) without finishing the run",
+                                           f"see {self.workdir / 'logs' / 'superlink.log'}")
+                    if status.startswith("finished:failed") and store.get_run(run_name) is None:
+                        raise FedveilError("the ServerApp failed before the run started",
+                                           f"see {self.workdir / 'logs' / 'superlink.log'}")
+                time.sleep(1.0)
+            raise FedveilError(f"the run did not finish within {timeout:.0f}s",
+                               "raise --timeout, or lower --rounds / the data size")
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        self.processes.stop_all()

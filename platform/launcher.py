@@ -1,0 +1,215 @@
+"""Starting and stopping Flower's processes: SuperLink, SuperNodes, and `flwr run`.
+
+Every process is started in its own session so that stopping it also stops the ClientApp
+processes it spawned. A SuperLink may ignore SIGTERM, so stopping escalates to SIGKILL after a
+grace period, and every child is reaped. Flower's state stays in the work dir (FLWR_HOME), and
+telemetry and update checks are off because deployments are often air-gapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedveil.platform.errors import FedveilError
+
+
+def flower_env(workdir: Path) -> dict[str, str]:
+    """Environment for Flower processes: state in the work dir, no phoning home."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str((workdir / "flwr-home").resolve()),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FedveilError(f"{what or 'process'} exited with code {proc.returncode} while starting",
+                               "see its log file in the work dir")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedveilError(f"{what or 'process'} did not open {host}:{port} within {timeout:.0f}s",
+                       "check that the port is free, or see its log file in the work dir")
+
+
+def bin_path(name: str) -> str:
+    """A console script from the same environment as this interpreter (works without activating it)."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise FedveilError(f"`{name}` is not installed", "install fedveil with its dependencies: pip install fedveil")
+    return found
+
+
+def node_config_arg(values: Mapping[str, Any]) -> str:
+    """Flower's --node-config syntax: space-separated key=value with TOML-quoted strings."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value}")
+        else:
+            text = str(value)
+            if "'" in text or " " in text:
+                raise FedveilError(f"node-config value {text!r} for {key} contains a quote or space",
+                                   "use paths without spaces or quotes for fedveil work dirs")
+            parts.append(f"{key}='{text}'")
+    return " ".join(parts)
+
+
+@dataclass
+class TlsFiles:
+    """Certificates and SuperNode auth material for a TLS-enabled SuperLink (from `fedveil keys`)."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+
+
+@dataclass
+class ProcessGroup:
+    """The processes a command started; `stop_all` always stops every one of them."""
+
+    workdir: Path
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = open(logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(env or os.environ), start_new_session=True, cwd=self.workdir)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def alive(self) -> list[str]:
+        return [name for name, p in self.procs if p.poll() is None]
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for _, proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc in self.procs:
+            _signal_group(proc, signal.SIGKILL)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process's whole session (it and the ClientApps it spawned)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def superlink_argv(host: str, port: int, workdir: Path, tls: TlsFiles | None = None,
+                   auth: bool = False) -> list[str]:
+    argv = [bin_path("flower-superlink"), "--host", host, "--port", str(port),
+            "--database", str(workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
+    if tls is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                 "--ssl-keyfile", str(tls.server_key)]
+        if auth:
+            argv.append("--enable-supernode-auth")
+    return argv
+
+
+def supernode_argv(superlink: str, port: int, node_config: Mapping[str, Any], *, ca_cert: Path | None = None,
+                   auth_key: Path | None = None) -> list[str]:
+    argv = [bin_path("flower-supernode"), "--superlink", superlink, "--port", str(port), "--host", "127.0.0.1",
+            "--node-config", node_config_arg(node_config), "--max-wait-time", "300"]
+    argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    return argv
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None = None) -> None:
+    """Register a SuperLink connection in FLWR_HOME/config.toml, where `flwr run` looks it up."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    lines = [f'[superlink]\ndefault = "{name}"\n', f"[superlink.{name}]", f'address = "{address}"']
+    lines += ['insecure = true'] if ca_cert is None else [f'root-certificates = "{ca_cert}"']
+    path.write_text("\n".join(lines) + "\n")
+
+
+def prepare_app(workdir: Path) -> Path:
+    """Copy the thin Flower App template into the work dir (flwr run bundles a directory)."""
+    target = workdir / "flower-app"
+    target.mkdir(parents=True, exist_ok=True)
+    template = resources.files("fedveil.platform") / "flower_app"
+    for name in ("pyproject.toml", "fedveil_app.py"):
+        (target / name).write_text((template / name).read_text())
+    return target
+
+
+def submit_run(workdir: Path, connection: str, run_config: Mapping[str, Any], env: Mapping[str, str]) -> int:
+    """`flwr run` the fedveil app on a SuperLink; returns Flower's run id."""
+    app = prepare_app(workdir)
+    overrides = workdir / "run-config.toml"
+    overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+    out = subprocess.run([bin_path("flwr"), "run", str(app), connection, "--run-config", str(overrides),
+                          "--format", "json"], env=dict(env), capture_output=True, text=True, timeout=180)
+    try:
+        data = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        data = {}
+    if out.returncode != 0 or not data.get("success", False):
+        detail = (data.get("error-message") or out.stderr or out.stdout).strip()[-1500:]
+        raise FedveilError(f"`flwr run` failed: {detail}", "check that the SuperLink is running and reachable")
+    return int(data.get("run-id", 0))
+
+
+def run_status(run_id: int, connection: str, env: Mapping[str, str], app_dir: Path) -> str:
+    """Flower's status for a run (e.g. 'running', 'finished:completed', 'finished:failed')."""
+    out = subprocess.run([bin_path("flwr"), "ls", str(app_dir), connection, "--run-id", str(run_id), "--format", "json"],
+                         env=dict(env), capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return "unknown"
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"

@@ -1,0 +1,137 @@
+"""The one ClientApp every fedveil SuperNode runs; it dispatches by the node's role.
+
+Flower cold-starts this module for every message, so it imports only Flower and the small
+wire-format module at the top; the client and proxy roles are imported inside the handlers.
+Expected failures become an `error` status with a readable message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedveil.platform import messages as wire
+from fedveil.platform.errors import FedveilError
+
+app = ClientApp()
+
+
+def _role(context: Context) -> str:
+    return str(context.node_config.get("role", "client"))
+
+
+def _federation(msg: Message):
+    from fedveil.platform.config import FedveilConfig
+
+    return FedveilConfig.from_json(wire.record_json(msg.content.config_records["task"])["config"])
+
+
+def _task(msg: Message) -> dict:
+    return wire.record_json(msg.content.config_records["task"])
+
+
+def _error_reply(msg: Message, role: str, name: str, exc: Exception) -> Message:
+    text = str(exc) if isinstance(exc, FedveilError) else f"{type(exc).__name__}: {exc}"
+    return Message(wire.reply_content(wire.ERROR, {"role": role, "name": name, "message": text}), reply_to=msg)
+
+
+def _state_cache(context: Context) -> dict:
+    """Per-run cache kept by the SuperNode between messages (e.g. the planned σ)."""
+    rec = context.state.config_records.get("fedveil-cache")
+    return {} if rec is None else wire.record_json(rec)
+
+
+def _save_state_cache(context: Context, cache: dict) -> None:
+    context.state["fedveil-cache"] = wire.json_record(cache)
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Role discovery and liveness: the server cannot read node_config, so nodes describe themselves."""
+    role = _role(context)
+    name = str(context.node_config.get("name", ""))
+    try:
+        if role == "proxy":
+            from fedveil.secure.modes import available_modes
+
+            info = {"role": "proxy", "name": name, "modes": available_modes(),
+                    "min_aggregate": int(context.node_config.get("min-aggregate", 2))}
+        else:
+            from fedveil.clients.node import ClientIdentity, hello as client_hello
+
+            info = client_hello(ClientIdentity.from_node_config(dict(context.node_config)), _federation(msg))
+        return Message(wire.reply_content(wire.OK, info), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the server as a status
+        return _error_reply(msg, role, name, exc)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    name = str(context.node_config.get("name", ""))
+    if _role(context) != "client":
+        return _error_reply(msg, _role(context), name, FedveilError("a proxy node was sent a train task"))
+    try:
+        from fedveil.clients.node import ClientIdentity, protect, train_task
+
+        identity = ClientIdentity.from_node_config(dict(context.node_config))
+        task = _task(msg)
+        federation = _federation(msg)
+        cache = _state_cache(context)
+        arrays = wire.record_weights(msg.content.array_records["global"])
+        outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
+        _save_state_cache(context, cache)
+        blobs = None
+        if outcome.status == wire.OK and outcome.vector is not None:
+            start = time.perf_counter()
+            blobs = protect(identity, federation.federation.secure, outcome.vector, task["proxies"],
+                            task["run_id"], task["task_id"], str(context.node_id))
+            outcome.metrics["protect_seconds"] = time.perf_counter() - start
+            outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
+        return Message(wire.reply_content(outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs),
+                       reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, "client", name, exc)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    name = str(context.node_config.get("name", ""))
+    try:
+        from fedveil.clients.node import ClientIdentity, evaluate_task
+
+        identity = ClientIdentity.from_node_config(dict(context.node_config))
+        metrics = evaluate_task(identity, _federation(msg), wire.record_weights(msg.content.array_records["global"]))
+        return Message(wire.reply_content(wire.OK, {"org": identity.org}, metrics=metrics), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, "client", name, exc)
+
+
+@app.query("aggregate")
+def aggregate(msg: Message, context: Context) -> Message:
+    name = str(context.node_config.get("name", ""))
+    if _role(context) != "proxy":
+        return _error_reply(msg, _role(context), name, FedveilError("a client node was asked to aggregate"))
+    try:
+        from fedveil.aggregator.proxy import ProxyIdentity, aggregate as proxy_aggregate
+        from fedveil.secure.modes import AggregationRefused
+
+        identity = ProxyIdentity.from_node_config(dict(context.node_config))
+        task = _task(msg)
+        payloads = wire.record_blobs(msg.content.array_records["payloads"])
+        start = time.perf_counter()
+        try:
+            result = proxy_aggregate(
+                identity, payloads, run_id=task["run_id"], task_id=task["task_id"], mode=task["mode"],
+                length=int(task["length"]), min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"),
+            )
+        except AggregationRefused as exc:
+            return Message(wire.reply_content(wire.REFUSED, {"role": "proxy", "name": name, "message": str(exc)}),
+                           reply_to=msg)
+        info = {"role": "proxy", "name": name, "included": result.included, "rejected": result.rejected}
+        metrics = {"combine_seconds": time.perf_counter() - start}
+        return Message(wire.reply_content(wire.OK, info, metrics=metrics, blobs={"partial": result.partial}),
+                       reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, "proxy", name, exc)
