@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 
 
 @dataclass
@@ -44,6 +45,8 @@ class LocalGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._cond = threading.Condition()
         self.sent: list[Message] = []
+        # Flower stamps new Messages with the identity of the task running in this process.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
 
     def set_run(self, run: Run) -> None:
         self._run = run
