@@ -161,3 +161,19 @@ def test_duplicate_client_across_partials_refused(fed):
     with pytest.raises(ValueError, match="more than one partial"):
         mode.finish([results[0].partial, results[0].partial], L, fed[2])
     assert partial_clients(results[0].partial) == ["c0", "c1"]
+
+
+def test_fast_coefficient_read_matches_seal(fed):
+    """The zero-copy read of SEAL's serialization equals element-wise reads of the ciphertext."""
+    from fedveil.secure.ckks import _runtime
+
+    rt = _runtime(fed[3])
+    (ct,) = rt.encrypt_reals(np.linspace(-5, 5, 1000))
+    count = ct.size() * ct.coeff_modulus_size() * ct.poly_modulus_degree()
+    fast = rt._raw_coefficients(ct, count)
+    assert fast is not None
+    da = ct.dyn_array()
+    idx = np.random.default_rng(0).integers(0, count, 500)
+    assert all(int(fast[i]) == da[i] for i in idx)
+    back, _ = rt.ct_from_bytes(rt.ct_to_bytes(ct))
+    assert np.array_equal(rt._raw_coefficients(back, count), fast)
