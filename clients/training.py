@@ -98,6 +98,7 @@ class TrainResult:
     grad_sample_mode: str = "none"
     samples_seen: int = 0
     max_grad_norm: float = 0.0
+    empty_batches: int = 0  # Poisson draws that selected nobody (noise-only steps)
 
     @property
     def samples_per_second(self) -> float:
@@ -295,7 +296,8 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
                 p.grad = None
             model.train(was_training)
             model.to(home)
-        return TrainResult(n, total_steps, q, sigma, _tail_mean(losses, spe), time.perf_counter() - t0, mode, seen, C)
+        return TrainResult(n, total_steps, q, sigma, _tail_mean(losses, spe), time.perf_counter() - t0, mode, seen, C,
+                           total_steps - len(losses))
 
     kwargs = {"batch_first": True, "loss_reduction": "mean"}
     if mode == "ghost":
@@ -352,7 +354,8 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
             p.grad = None
         model.train(was_training)
         model.to(home)
-    return TrainResult(n, total_steps, q, sigma, _tail_mean(losses, spe), time.perf_counter() - t0, mode, seen, C)
+    return TrainResult(n, total_steps, q, sigma, _tail_mean(losses, spe), time.perf_counter() - t0, mode, seen, C,
+                       total_steps - len(losses))
 
 
 def _check_fused(model: nn.Module) -> None:
