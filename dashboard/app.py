@@ -47,7 +47,7 @@ def _config() -> tuple[str | None, str | None, int]:
 
 def _safe_url(url: str) -> str:
     try:
-        from sqlalchemy.engine import make_url
+        from sqlalchemy import make_url
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for display
@@ -58,6 +58,19 @@ def _sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///") and ":memory:" not in url:
         return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
     return None
+
+
+@st.cache_resource(show_spinner=False)
+def _favicon() -> Any:
+    """A small shield drawn locally: an icon name or emoji would make the browser fetch it from a CDN."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    draw.polygon([(32, 3), (58, 12), (56, 36), (32, 61), (8, 36), (6, 12)], fill=(76, 120, 168, 255))
+    draw.rectangle([22, 30, 42, 46], fill=(255, 255, 255, 255))
+    draw.arc([24, 18, 40, 38], start=180, end=360, fill=(255, 255, 255, 255), width=4)
+    return img
 
 
 @st.cache_resource(show_spinner=False)
@@ -299,6 +312,8 @@ def _system(run: dict, rounds: list, clients: list, events: list, nodes: list, c
         st.subheader("Staleness of updates" + ("" if v.is_async(run) else " (async runs only)"))
         if stale.empty and not v.is_async(run):
             st.caption("Synchronous run: every update is built on the current model.")
+            st.subheader("Round duration")
+            _chart(v.metric_chart(v.rounds_frame(run, rounds), y="seconds", y_title="Round duration (s)"))
         else:
             _chart(v.staleness_chart(stale, colors))
     st.subheader("Event log")
@@ -369,7 +384,7 @@ def _body(url: str) -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="fedveil dashboard", page_icon=":material/shield_lock:", layout="wide")
+    st.set_page_config(page_title="fedveil dashboard", page_icon=_favicon(), layout="wide")
     st.markdown(CSS, unsafe_allow_html=True)
     url, password, refresh = _config()
     _gate(password)

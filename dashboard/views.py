@@ -496,7 +496,7 @@ def bytes_chart(rf: pd.DataFrame) -> alt.Chart:
         return _empty_chart("no rounds yet")
     data = rf.assign(kib=rf["bytes_up"] / 1024.0)
     return alt.Chart(data).mark_bar(color="#4c78a8", cornerRadiusTopLeft=3, cornerRadiusTopRight=3).encode(
-        x=alt.X("round:O", title="Round (#)"),
+        x=alt.X("round:O", title="Round (#)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("kib:Q", title="Upload to proxies (KiB)"),
         tooltip=["round", alt.Tooltip("kib:Q", format=",.1f", title="KiB"), "participants"],
     ).properties(height=280)
@@ -510,7 +510,7 @@ def timing_chart(rf: pd.DataFrame) -> alt.Chart:
                                        "finish_s": "finish / decrypt (server)"})
     long["ms"] = 1000.0 * long["s"]
     return alt.Chart(long).mark_bar().encode(
-        x=alt.X("round:O", title="Round (#)"),
+        x=alt.X("round:O", title="Round (#)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("ms:Q", title="Time (ms)", stack="zero"),
         color=alt.Color("phase:N", title="Phase", scale=alt.Scale(
             domain=["protect (clients)", "combine (proxies)", "finish / decrypt (server)"],
@@ -545,4 +545,5 @@ def dropout_chart(drops: pd.DataFrame, colors: dict[str, str]) -> alt.Chart:
         y=alt.Y("Organization:N", title=None),
         x=alt.X("Dropouts:Q", title="Dropouts (#)", axis=alt.Axis(tickMinStep=1)),
         color=alt.Color("Organization:N", scale=org_scale(known), legend=None),
-    ).properties(height=max(80, 36 * len(drops)))
+        tooltip=["Organization", "Dropouts"],
+    ).properties(height=alt.Step(30), autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
