@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -181,7 +180,7 @@ def prepare_app(workdir: Path) -> Path:
     """Copy the thin Flower App template into the work dir (flwr run bundles a directory)."""
     target = workdir / "flower-app"
     target.mkdir(parents=True, exist_ok=True)
-    template = resources.files("fedveil.platform") / "flower_app"
+    template = Path(__file__).parent / "flower_app"  # fedveil.platform is a namespace package
     for name in ("pyproject.toml", "fedveil_app.py"):
         (target / name).write_text((template / name).read_text())
     return target

@@ -1,0 +1,47 @@
+"""End to end: `fedveil demo` starts a real SuperLink, 2 proxies and 3 clients on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FEDVEIL = [sys.executable, "-m", "fedveil.platform.cli"]
+
+
+def fedveil(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    return subprocess.run(FEDVEIL + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_demo_runs_real_processes_and_export_reports_rounds_and_epsilon(tmp_path: Path):
+    workdir = tmp_path / "demo"
+    done = fedveil("demo", "--rounds", "2", "--clients", "3", "--proxies", "2", "--dataset", "breast_cancer",
+                   "--no-dashboard", "--workdir", str(workdir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "final accuracy" in done.stdout
+    assert (workdir / "fedveil.db").exists()
+
+    exported = fedveil("export", "--workdir", str(workdir))
+    assert exported.returncode == 0, exported.stderr
+    doc = json.loads(exported.stdout)
+    (run,) = doc["runs"]
+    assert run["status"] == "completed" and run["mode"] == "sync" and run["secure"] == "none"
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    for r in run["rounds"]:
+        assert set(r) >= {"round", "accuracy", "loss", "participants", "seconds"}
+        assert r["participants"] == 3 and r["accuracy"] is not None and r["accuracy"] > 0.5
+    assert sorted(c["org"] for c in run["clients"]) == ["hospital-a", "hospital-b", "hospital-c"]
+    for c in run["clients"]:
+        assert set(c) >= {"org", "epsilon", "delta", "budget", "status"}
+        assert c["epsilon"] > 0 and c["status"] == "ok"
+
+    # Every process the demo started is gone: nothing listens on the SuperLink's port any more.
+    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"

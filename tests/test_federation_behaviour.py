@@ -1,0 +1,127 @@
+"""Federation-level behaviour on the in-process grid: budgets, bad updates, ledgers across runs, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedveil.aggregator import checkpoint
+from fedveil.aggregator.engine import Federation
+from fedveil.aggregator.optimizers import ServerOptimizer
+from fedveil.aggregator.proxy import ProxyIdentity, aggregate
+from fedveil.platform.store import MetricsStore
+from fedveil.secure.modes import AggregationRefused
+from tests.conftest import make_local_federation
+from tests.test_sync_rounds import small_config
+
+
+def run_once(path, cfg, run_id, resume=False):
+    store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
+    grid = make_local_federation(path, cfg)
+    fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=20, resume=resume)
+    try:
+        fed.run()
+    finally:
+        grid.shutdown()
+    return fed, store
+
+
+def test_budget_smaller_than_one_round_declines_and_federation_goes_on(tmp_path):
+    orgs = [{"name": "hospital-a"}, {"name": "hospital-b"}, {"name": "hospital-c", "budget": 0.05}]
+    cfg = small_config(orgs=orgs)
+    _, store = run_once(tmp_path, cfg, "r1")
+    rows = store.client_rounds("r1")
+    c_rows = [r for r in rows if r["org"] == "hospital-c"]
+    assert [r["status"] for r in c_rows] == ["budget_exhausted", "budget_exhausted"]
+    assert all(r["epsilon"] == 0.0 for r in c_rows)  # declined before spending anything
+    assert [r["participants"] for r in store.rounds("r1")] == [2, 2]
+    events = [e for e in store.events("r1") if e["kind"] == "budget_exhausted"]
+    assert events and "hospital-c" in events[0]["message"] and "privacy.budget" in events[0]["message"]
+    assert store.get_run("r1")["status"] == "completed"
+
+
+def test_ledger_epsilon_grows_across_runs_on_the_same_workdir(tmp_path):
+    cfg = small_config(**{"federation.rounds": 1})
+    _, store = run_once(tmp_path, cfg, "first")
+    first = {c["org"]: c["epsilon"] for c in store.latest_client_status("first")}
+    _, store = run_once(tmp_path, cfg, "second")
+    second = {c["org"]: c["epsilon"] for c in store.latest_client_status("second")}
+    assert set(first) == set(second) == {"hospital-a", "hospital-b", "hospital-c"}
+    for org in first:
+        assert second[org] > first[org] > 0
+
+
+def test_nan_update_is_rejected_and_the_round_goes_on(tmp_path, monkeypatch):
+    import fedveil.clients.node as node
+
+    real = node.train_task
+
+    def poisoned(identity, *args, **kwargs):
+        outcome = real(identity, *args, **kwargs)
+        if identity.org == "hospital-b" and outcome.vector is not None:
+            outcome.vector = outcome.vector.copy()
+            outcome.vector[3] = np.nan
+        return outcome
+
+    monkeypatch.setattr(node, "train_task", poisoned)
+    cfg = small_config(**{"federation.rounds": 1})
+    fed, store = run_once(tmp_path, cfg, "r1")
+    (row,) = store.rounds("r1")
+    assert row["participants"] == 2
+    assert np.all(np.isfinite(fed.weights))
+    errors = [e for e in store.events("r1") if e["kind"] == "error" and "hospital-b" in e["message"]]
+    assert errors and "NaN" in errors[0]["message"]
+
+
+def test_proxy_rejects_non_finite_and_wrong_length_payloads_and_refuses_a_single_client(tmp_path):
+    ident = ProxyIdentity(name="proxy-1", workdir=tmp_path, keys_dir="", min_aggregate=2)
+    good = np.ones(4).tobytes()
+    payloads = {"1": good, "2": good, "3": np.array([1, np.nan, 0, 0]).tobytes(), "4": np.ones(3).tobytes()}
+    result = aggregate(ident, payloads, run_id="r", task_id="t", mode="none", length=4, min_aggregate=2)
+    assert result.included == ["1", "2"]
+    assert set(result.rejected) == {"3", "4"}
+    np.testing.assert_array_equal(np.frombuffer(result.partial), np.full(4, 2.0))
+    with pytest.raises(AggregationRefused):
+        aggregate(ident, {"1": good}, run_id="r", task_id="t2", mode="none", length=4, min_aggregate=2)
+
+
+def test_a_server_cannot_lower_the_proxy_floor(tmp_path):
+    """A curious server asking for an aggregate of one client is refused by the proxy's own floor."""
+    ident = ProxyIdentity(name="proxy-1", workdir=tmp_path, keys_dir="", min_aggregate=2)
+    with pytest.raises(AggregationRefused):
+        aggregate(ident, {"1": np.ones(4).tobytes()}, run_id="r", task_id="t", mode="none", length=4, min_aggregate=1)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    cfg = small_config(**{"federation.rounds": 1, "federation.name": "fed"})
+    fed1, _ = run_once(tmp_path, cfg, "r1")
+    saved = checkpoint.load(tmp_path / "checkpoints" / "fed")
+    assert saved is not None and saved.round == 1
+    np.testing.assert_array_equal(saved.weights, fed1.weights)
+    cfg2 = small_config(**{"federation.rounds": 2, "federation.name": "fed"})
+    fed2, store = run_once(tmp_path, cfg2, "r2", resume=True)
+    assert [r["round"] for r in store.rounds("r2")] == [2]
+    assert any("resumed from checkpoint after round 1" in e["message"] for e in store.events("r2"))
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
+def test_adaptive_server_optimizers_follow_reddi_et_al(kind):
+    opt = ServerOptimizer(kind, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    w = np.zeros(3)
+    d1, d2 = np.array([1.0, -2.0, 0.5]), np.array([0.5, 0.5, -1.0])
+    m = 0.1 * d1
+    v = 0.01 * d1**2 if kind == "fedadam" else -(0.01) * d1**2 * np.sign(-(d1**2))
+    expected1 = 0.1 * m / (np.sqrt(v) + 1e-3)
+    w1 = opt.step(w, d1)
+    np.testing.assert_allclose(w1, expected1)
+    m = 0.9 * m + 0.1 * d2
+    v = 0.99 * v + 0.01 * d2**2 if kind == "fedadam" else v - 0.01 * d2**2 * np.sign(v - d2**2)
+    np.testing.assert_allclose(opt.step(w1, d2), expected1 + 0.1 * m / (np.sqrt(v) + 1e-3))
+    restored = ServerOptimizer(kind, lr=0.1)
+    restored.load_state(opt.state())
+    np.testing.assert_array_equal(restored.m, opt.m)
+
+
+def test_fedavg_server_step_is_plain_averaging():
+    opt = ServerOptimizer("fedavg", lr=1.0)
+    np.testing.assert_array_equal(opt.step(np.ones(2), np.array([0.5, -1.0])), np.array([1.5, 0.0]))
