@@ -148,6 +148,11 @@ def plan_noise_multiplier(
         raise ConfigError(f"target_epsilon must be > 0, got {target_epsilon}.", "Use e.g. 3.0.")
     if total_steps <= 0:
         raise ConfigError(f"Cannot plan noise for {total_steps} steps.", "Plan at least one round of one step.")
+    extra = {}
+    if accountant == "rdp" and sample_rate > 0.5:
+        from fedveil.clients.ledger import INTEGER_ALPHAS
+
+        extra["alphas"] = INTEGER_ALPHAS  # same orders the ledger uses for q > 0.5
     try:
         return float(
             get_noise_multiplier(
@@ -157,6 +162,7 @@ def plan_noise_multiplier(
                 steps=int(total_steps),
                 accountant=accountant,
                 epsilon_tolerance=0.01,
+                **extra,
             )
         )
     except ValueError as exc:

@@ -247,3 +247,15 @@ def test_fingerprint_stable_order_independent_and_sensitive():
     y = ds.y.copy()
     y[0] = (y[0] + 1) % 3
     assert D.dataset_fingerprint(D.Dataset(ds.X, y, 3, "wine")) != fp
+
+
+def test_builtin_tabular_uses_public_global_scaling_by_default():
+    full, = D.standardize(D.load_builtin("breast_cancer"))
+    tr, va = D.load_client_data("breast_cancer", 0, 3, "dirichlet", 0.5, 0, 0.2, False)
+    # every client's rows are the globally standardized rows (same feature space across clients)
+    rows = {r.tobytes() for r in full.X}
+    assert all(r.tobytes() in rows for r in tr.X)
+    tr_c, _ = D.load_client_data("breast_cancer", 0, 3, "dirichlet", 0.5, 0, 0.2, False, scaling="client")
+    np.testing.assert_allclose(tr_c.X.mean(0), 0, atol=1e-5)
+    with pytest.raises(DataError, match="builtin"):
+        D.load_client_data("/nonexistent.csv", 0, 1, scaling="global")

@@ -176,3 +176,13 @@ def test_ledger_uses_wal_and_full_sync(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     con.close()
+
+
+def test_large_sample_rate_is_accounted(tmp_path):
+    """Opacus' fractional RDP orders crash for q > 0.5 (small clients); the ledger must still account."""
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    e = led.charge(DS, "r", "t", 1.0, 0.8, 20, DELTA, budget=1e6)
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.8, 20)]
+    assert e == pytest.approx(acc.get_epsilon(DELTA, alphas=[float(a) for a in range(2, 256)]))
+    assert e > led.preview("x", 1.0, 0.4, 20, DELTA)  # more sampling costs more
