@@ -26,7 +26,7 @@ from fedveil.platform.config import FedveilConfig
 from fedveil.platform.errors import FedveilError
 from fedveil.platform.params import flatten, unflatten
 from fedveil.platform.store import MetricsStore
-from fedveil.secure.modes import ServerKeyring, get_mode
+from fedveil.secure.modes import AggregationRefused, ServerKeyring, get_mode
 
 log = logging.getLogger("fedveil.server")
 
@@ -104,7 +104,7 @@ class Federation:
         self.resume = resume
         self.progress = progress or (lambda text: log.info(text))
         self.handshake_timeout = handshake_timeout
-        self.mode = get_mode(cfg.federation.secure)
+        self.mode = get_mode(cfg.federation.secure, **cfg.secure_options())
         self.optimizer = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, cfg.server.beta1, cfg.server.beta2,
                                          cfg.server.tau)
         self.rng = random.Random(cfg.federation.seed)
@@ -307,61 +307,98 @@ class Federation:
         self.store.set_round_evaluation(self.run_id, rnd, acc, loss)
         return acc, loss
 
+    def _proxy_task(self, task_id: str, length: int) -> dict[str, Any]:
+        return {"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name, "length": length,
+                "min_aggregate": self.cfg.federation.min_aggregate, "options": self.cfg.secure_options()}
+
+    def _ask_proxies(self, rnd: int, kind: str, task: dict[str, Any], groups: dict[str, dict[str, bytes]]
+                     ) -> dict[str, tuple[str, dict[str, Any], Message]]:
+        """Send each proxy its group's payloads; {proxy: (status, info, reply)} for those that answered."""
+        by_name = self.roster.proxy_by_name()
+        msgs = [Message(RecordDict({"task": wire.json_record(task), "payloads": wire.blobs_record(payloads)}),
+                        by_name[name].node_id, kind, group_id=str(rnd)) for name, payloads in sorted(groups.items())]
+        replies = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
+        answered = {}
+        for name in sorted(groups):
+            reply = replies.get(by_name[name].node_id)
+            if reply is None:
+                self.event("dropout", f"round {rnd}: proxy {name} did not answer", level="warn", source=name, round=rnd)
+                continue
+            status, info = reply_ok(reply)
+            answered[name] = (status, info, reply)
+        return answered
+
+    def _record_rejections(self, rnd: int, proxy: str, rejected: dict[str, str], contributions: dict[str, dict]) -> None:
+        for cid, reason in rejected.items():
+            who = contributions.get(cid, {}).get("name", cid)
+            self.event("rejected", f"round {rnd}: proxy {proxy} rejected {who}'s payload: {reason}", level="warn",
+                       source=proxy, round=rnd)
+
+    def _agree_on_clients(self, rnd: int, task: dict[str, Any], groups: dict[str, dict[str, bytes]],
+                          contributions: dict[str, dict]) -> dict[str, dict[str, bytes]] | None:
+        """Additive shares decode only as a whole: every proxy must combine the same clients.
+
+        Each proxy validates first (opening nothing for good); the server then asks all of them to
+        combine only the clients valid everywhere, once. Returns the narrowed groups, or None.
+        """
+        answered = self._ask_proxies(rnd, wire.VALIDATE, task, groups)
+        if set(answered) != set(groups) or any(status != wire.OK for status, _, _ in answered.values()):
+            self.event("round_skipped", f"round {rnd}: not every proxy could validate its shares", level="warn",
+                       round=rnd)
+            return None
+        bad: set[str] = set()
+        for name, (_, info, _) in answered.items():
+            self._record_rejections(rnd, name, info.get("rejected") or {}, contributions)
+            bad |= set(info.get("rejected") or {})
+        common = set.intersection(*(set(g) for g in groups.values())) - bad
+        return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items()}
+
     def _aggregate(self, rnd: int, task_id: str, contributions: dict[str, dict]) -> tuple[np.ndarray | None, list[str], dict]:
         """Forward each proxy the payloads addressed to it; combine the partials into sum n_i delta_i."""
-        fed = self.cfg.federation
-        by_name = self.roster.proxy_by_name()
         length = int(self.weights.size)
+        task = self._proxy_task(task_id, length)
         groups: dict[str, dict[str, bytes]] = {}
         for cid, c in contributions.items():
             for proxy_name, blob in c["payloads"].items():
                 groups.setdefault(proxy_name, {})[cid] = blob
-        msgs = []
-        for proxy_name, payloads in sorted(groups.items()):
-            content = RecordDict({
-                "task": wire.json_record({"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name,
-                                          "length": length, "min_aggregate": fed.min_aggregate}),
-                "payloads": wire.blobs_record(payloads),
-            })
-            msgs.append(Message(content, by_name[proxy_name].node_id, wire.AGGREGATE, group_id=str(rnd)))
-        replies = exchange(self.grid, msgs, timeout=fed.round_timeout)
+        stats = {
+            "bytes_up": int(sum(c["metrics"].get("bytes_up", 0) for c in contributions.values())),
+            "protect_seconds": float(np.mean([c["metrics"].get("protect_seconds", 0.0) for c in contributions.values()])),
+        }
+        shared = len(groups) > 1 and all(len(c["payloads"]) == len(groups) for c in contributions.values())
+        if shared and hasattr(self.mode, "validate"):
+            narrowed = self._agree_on_clients(rnd, task, groups, contributions)
+            if narrowed is None:
+                return None, [], stats
+            groups = narrowed
+        answered = self._ask_proxies(rnd, wire.AGGREGATE, task, groups)
         partials, included_sets, combine = [], [], []
-        for proxy_name in sorted(groups):
-            node = by_name[proxy_name]
-            reply = replies.get(node.node_id)
-            if reply is None:
-                self.event("dropout", f"round {rnd}: proxy {proxy_name} did not answer", level="warn",
-                           source=proxy_name, round=rnd)
-                continue
-            status, info = reply_ok(reply)
-            for cid, reason in (info.get("rejected") or {}).items():
-                who = contributions.get(cid, {}).get("name", cid)
-                self.event("rejected", f"round {rnd}: proxy {proxy_name} rejected {who}'s payload: {reason}",
-                           level="warn", source=proxy_name, round=rnd)
+        for name, (status, info, reply) in answered.items():
+            self._record_rejections(rnd, name, info.get("rejected") or {}, contributions)
             if status != wire.OK:
                 self.event("refused" if status == wire.REFUSED else "error",
-                           f"round {rnd}: proxy {proxy_name}: {info.get('message', status)}", level="warn",
-                           source=proxy_name, round=rnd)
+                           f"round {rnd}: proxy {name}: {info.get('message', status)}", level="warn", source=name,
+                           round=rnd)
                 continue
             partials.append(wire.reply_blobs(reply.content)["partial"])
             included_sets.append(list(info["included"]))
             combine.append(wire.reply_metrics(reply.content).get("combine_seconds", 0.0))
-        stats = {
-            "bytes_up": int(sum(c["metrics"].get("bytes_up", 0) for c in contributions.values())),
-            "protect_seconds": float(np.mean([c["metrics"].get("protect_seconds", 0.0) for c in contributions.values()])),
-            "combine_seconds": float(max(combine, default=0.0)),
-        }
-        shared = all(len(c["payloads"]) == len(by_name) and len(by_name) > 1 for c in contributions.values())
+        stats["combine_seconds"] = float(max(combine, default=0.0))
         if shared and (len(partials) != len(groups) or any(set(s) != set(included_sets[0]) for s in included_sets)):
-            self.event("round_skipped", f"round {rnd}: the proxies did not all combine the same clients; an additive "
-                       "share set is only decodable as a whole, so this round is dropped", level="warn", round=rnd)
+            self.event("round_skipped", f"round {rnd}: the proxies did not all combine the same clients; additive "
+                       "shares only decode as a whole, so this round is dropped", level="warn", round=rnd)
             return None, [], stats
         if not partials:
             self.event("round_skipped", f"round {rnd}: no proxy returned an aggregate", level="warn", round=rnd)
             return None, [], stats
         included = sorted(set(included_sets[0]) if shared else {c for s in included_sets for c in s})
         start = time.perf_counter()
-        total = self.mode.finish(partials, length, self.server_keys)
+        try:
+            total = self.mode.finish(partials, length, self.server_keys)
+        except (ValueError, AggregationRefused) as exc:
+            self.event("round_skipped", f"round {rnd}: the server refused to finish the aggregate: {exc}",
+                       level="error", round=rnd)
+            return None, [], stats
         stats["finish_seconds"] = time.perf_counter() - start
         return total, included, stats
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedveil.secure.modes import Binding, CombineResult, ProxyKeyring, get_mode
+from fedveil.secure.modes import AggregationRefused, Binding, CombineResult, ProxyKeyring, get_mode
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,20 @@ def proxy_keyring(identity: ProxyIdentity) -> ProxyKeyring:
     """This proxy's private key and the CKKS public context, from its provisioned bundle."""
     if not identity.keys_dir:
         return ProxyKeyring(proxy_id=identity.name)
-    from fedveil.secure.keys import load_proxy_keyring_dir
+    from fedveil.platform.provision import load_proxy_keyring_dir
 
     return load_proxy_keyring_dir(identity.keys_dir, identity.name)
+
+
+def validate(identity: ProxyIdentity, payloads: Mapping[str, bytes], *, run_id: str, task_id: str, mode: str,
+             length: int, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """{client: reason} for payloads this proxy would reject; opens nothing for good, releases nothing."""
+    secure_mode = get_mode(mode, **dict(options or {}))
+    check = getattr(secure_mode, "validate", None)
+    if check is None:
+        return {}
+    binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
+    return dict(check(payloads, binding, proxy_keyring(identity)))
 
 
 def aggregate(
@@ -72,12 +83,19 @@ def aggregate(
     length: int,
     min_aggregate: int,
     weights: Mapping[str, float] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> CombineResult:
-    """Combine one task's payloads. Raises AggregationRefused below `min_aggregate` distinct clients."""
+    """Combine one task's payloads, once. Raises AggregationRefused below `min_aggregate` distinct clients.
+
+    A task is combined at most once: re-combining a subset of the same task would let a server
+    subtract two aggregates and isolate one client.
+    """
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
     guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
     try:
-        return get_mode(mode).combine(
+        if not guard.claim(f"task:{run_id}:{task_id}".encode()):
+            raise AggregationRefused(f"task {task_id} was already aggregated by this proxy; a task is combined once")
+        return get_mode(mode, **dict(options or {})).combine(
             payloads,
             binding,
             proxy_keyring(identity),

@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
     server_keys = None
     keys_dir = str(rc.get("keys", "")) or cfg.secure.keys_dir
     if keys_dir:
-        from fedveil.secure.keys import load_server_keyring_dir
+        from fedveil.platform.provision import load_server_keyring_dir
 
         server_keys = load_server_keyring_dir(keys_dir)
     run_id = str(rc.get("run-name", "")) or f"run-{context.run_id}"

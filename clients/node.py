@@ -247,16 +247,18 @@ def client_keyring(identity: ClientIdentity):
 
     if not identity.keys_dir:
         return ClientKeyring()
-    from fedveil.secure.keys import load_client_keyring_dir
+    from fedveil.platform.provision import load_client_keyring_dir
 
     return load_client_keyring_dir(identity.keys_dir)
 
 
-def protect(identity: ClientIdentity, mode_name: str, vector: np.ndarray, proxies: list[str],
+def protect(identity: ClientIdentity, federation: FedveilConfig, vector: np.ndarray, proxies: list[str],
             run_id: str, task_id: str, client_id: str) -> dict[str, bytes]:
     """Seal/share/encrypt the weighted update for the proxies the server assigned."""
     from fedveil.secure.modes import Binding, get_mode
 
+    mode_name = federation.federation.secure
     binding = Binding(run_id=run_id, task_id=task_id, client_id=client_id, proxy_id="", mode=mode_name,
                       length=int(vector.size))
-    return get_mode(mode_name).protect(vector, proxies, binding, client_keyring(identity))
+    mode = get_mode(mode_name, **federation.secure_options())
+    return mode.protect(vector, proxies, binding, client_keyring(identity))

@@ -47,7 +47,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                            "use more clients or lower federation.min_clients in the config")
     workdir = Path(args.workdir or "fedveil-demo").resolve()
     run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    fed = LocalFederation(cfg, workdir, progress=_say)
+    keys_dir, temp_keys = _demo_keys(args, cfg)
+    fed = LocalFederation(cfg, workdir, keys_dir=keys_dir, progress=_say)
     dashboard = None
     _say(f"fedveil demo: {len(cfg.orgs)} organizations, {len(cfg.proxies.names)} proxies, "
          f"{cfg.federation.rounds} {cfg.federation.mode} rounds, secure={cfg.federation.secure}, "
@@ -71,12 +72,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fed.stop()
         if dashboard is not None:
             _stop_process(dashboard)
+        if temp_keys is not None:
+            temp_keys.cleanup()
     store = MetricsStore(fed.store_url)
     try:
         _print_summary(store, run_name)
     finally:
         store.close()
     return 0 if run["status"] == "completed" else 1
+
+
+def _demo_keys(args: argparse.Namespace, cfg):
+    """Key bundles for the demo: the user's (--keys), none (--insecure), or fresh ones in a temp dir."""
+    import tempfile
+
+    from fedveil.platform.provision import init_federation_keys
+
+    if args.insecure:
+        if cfg.federation.secure != "none":
+            raise FedveilError(f"--insecure cannot run secure mode {cfg.federation.secure!r}: it needs proxy keys",
+                               "drop --insecure, or use --secure none")
+        return None, None
+    if args.keys:
+        return Path(args.keys).resolve(), None
+    temp = tempfile.TemporaryDirectory(prefix="fedveil-demo-keys-")
+    init_federation_keys(temp.name, cfg.proxies.names, [o.name for o in cfg.orgs], federation=cfg.federation.name,
+                         ckks=cfg.federation.secure == "ckks", overwrite=True)
+    _say(f"provisioned TLS, SuperNode, proxy{' and CKKS' if cfg.federation.secure == 'ckks' else ''} keys "
+         f"in {temp.name} (removed at exit)")
+    return Path(temp.name), temp
 
 
 def _print_summary(store, run_name: str) -> None:
@@ -311,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     demo.add_argument("--port", type=int, help="dashboard port (default: a free port)")
     demo.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    demo.add_argument("--keys", help="use bundles from `fedveil keys init` instead of fresh temporary ones")
+    demo.add_argument("--insecure", action="store_true",
+                      help="no TLS, no SuperNode authentication (only with --secure none)")
     demo.set_defaults(func=cmd_demo)
 
     server = sub.add_parser("server", help="run the SuperLink and the federation's ServerApp")

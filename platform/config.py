@@ -83,8 +83,9 @@ class ServerSection(_Section):
 
 
 class SecureSection(_Section):
-    frac_bits: int = Field(24, ge=1, le=52)
-    clip_range: float = Field(1e6, gt=0)
+    frac_bits: int = Field(24, ge=1, le=52, description="fixed-point fraction bits (secret-sharing)")
+    clip_range: float = Field(1e4, gt=0, description="bound on |n_i * delta_i| per coordinate (secret-sharing)")
+    max_clients: int = Field(256, ge=1, description="most clients one aggregate may hold (overflow bound)")
     keys_dir: str = ""
 
 
@@ -119,6 +120,12 @@ class FedveilConfig(_Section):
             raise ValueError("proxies.names: proxy names must be unique")
         if self.federation.secure == "secret-sharing" and len(self.proxies.names) < 2:
             raise ValueError("proxies.names: secret-sharing needs at least 2 proxies")
+        if self.federation.secure == "secret-sharing":
+            from fedveil.secure.fixedpoint import check_overflow
+
+            weight_bits = 16 if self.federation.mode != "sync" else 0
+            check_overflow(self.secure.clip_range, self.secure.frac_bits, self.secure.max_clients,
+                           weight_bits=weight_bits)
         if self.federation.min_clients < self.federation.min_aggregate:
             raise ValueError(
                 f"federation.min_clients ({self.federation.min_clients}) must be >= federation.min_aggregate "
@@ -135,6 +142,11 @@ class FedveilConfig(_Section):
 
     def org_budget(self, name: str) -> float:
         return self.org(name).budget or self.privacy.budget
+
+    def secure_options(self) -> dict[str, Any]:
+        """Options every party passes to `fedveil.secure.modes.get_mode` so they agree on the encoding."""
+        return {"frac_bits": self.secure.frac_bits, "clip": self.secure.clip_range,
+                "min_aggregate": self.federation.min_aggregate}
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -55,10 +55,19 @@ class LocalFederation:
     def start(self) -> None:
         port = launcher.free_port()
         self.address = f"127.0.0.1:{port}"
-        link = self.processes.start("superlink", launcher.superlink_argv("127.0.0.1", port, self.workdir), self.env)
+        tls = None
+        if self.keys_dir is not None:
+            server = self.keys_dir / "server"
+            tls = launcher.TlsFiles(server / "ca.pem", server / "superlink.pem", server / "superlink.key")
+        argv = launcher.superlink_argv("127.0.0.1", port, self.workdir, tls, auth=tls is not None)
+        link = self.processes.start("superlink", argv, self.env)
         launcher.wait_for_port("127.0.0.1", port, 60, link, "flower-superlink")
-        launcher.write_connection(Path(self.env["FLWR_HOME"]), "fedveil-local", self.address)
-        self.progress(f"SuperLink on {self.address}")
+        launcher.write_connection(Path(self.env["FLWR_HOME"]), "fedveil-local", self.address,
+                                  None if tls is None else tls.ca_cert)
+        self.progress(f"SuperLink on {self.address}" + (" (TLS, SuperNode authentication)" if tls else " (insecure)"))
+        if self.keys_dir is not None:
+            for name in list(self.cfg.proxies.names) + [o.name for o in self.cfg.orgs]:
+                launcher.register_supernode(self.keys_dir / name / "supernode.pub", "fedveil-local", self.env)
         for name in self.cfg.proxies.names:
             self._supernode(f"proxy-{name}", {
                 "role": "proxy", "name": name, "workdir": str(self.workdir / "proxies" / name),
@@ -72,9 +81,12 @@ class LocalFederation:
         self.progress(f"started {len(self.cfg.proxies.names)} proxies and {len(self.cfg.orgs)} clients")
 
     def _supernode(self, label: str, node_config: dict[str, Any]) -> None:
+        ca = auth = None
         if self.keys_dir is not None:
-            node_config["keys"] = str(self.keys_dir / node_config["name"])
-        argv = launcher.supernode_argv(self.address, launcher.free_port(), node_config)
+            bundle = self.keys_dir / node_config["name"]
+            node_config["keys"] = str(bundle)
+            ca, auth = bundle / "ca.pem", bundle / "supernode.key"
+        argv = launcher.supernode_argv(self.address, launcher.free_port(), node_config, ca_cert=ca, auth_key=auth)
         self.processes.start(label, argv, self.env)
 
     def submit(self, run_name: str, resume: bool = False) -> int:

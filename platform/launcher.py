@@ -176,6 +176,16 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | N
     path.write_text("\n".join(lines) + "\n")
 
 
+def register_supernode(public_key: Path, connection: str, env: Mapping[str, str]) -> None:
+    """Allow a SuperNode's auth key on a SuperLink started with --enable-supernode-auth."""
+    out = subprocess.run([bin_path("flwr"), "supernode", "register", str(public_key), connection, "--format", "json"],
+                         env=dict(env), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        detail = (out.stdout + out.stderr).strip()[-800:]
+        raise FedveilError(f"could not register SuperNode key {public_key}: {detail}",
+                           "check that the SuperLink runs with TLS and that the key came from `fedveil keys init`")
+
+
 def prepare_app(workdir: Path) -> Path:
     """Copy the thin Flower App template into the work dir (flwr run bundles a directory)."""
     target = workdir / "flower-app"

@@ -18,6 +18,7 @@ HELLO = "query.hello"
 TRAIN = "train"
 EVALUATE = "evaluate"
 AGGREGATE = "query.aggregate"
+VALIDATE = "query.validate"
 
 # Statuses a client or proxy reply can carry. `budget_exhausted` is a normal outcome, not an error.
 OK = "ok"

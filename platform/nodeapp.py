@@ -85,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
         blobs = None
         if outcome.status == wire.OK and outcome.vector is not None:
             start = time.perf_counter()
-            blobs = protect(identity, federation.federation.secure, outcome.vector, task["proxies"],
+            blobs = protect(identity, federation, outcome.vector, task["proxies"],
                             task["run_id"], task["task_id"], str(context.node_id))
             outcome.metrics["protect_seconds"] = time.perf_counter() - start
             outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
@@ -108,6 +108,26 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _error_reply(msg, "client", name, exc)
 
 
+@app.query("validate")
+def validate(msg: Message, context: Context) -> Message:
+    """Check payloads without opening them for good, so all proxies can agree on one client set."""
+    name = str(context.node_config.get("name", ""))
+    if _role(context) != "proxy":
+        return _error_reply(msg, _role(context), name, FedveilError("a client node was asked to validate"))
+    try:
+        from fedveil.aggregator.proxy import ProxyIdentity, validate as proxy_validate
+
+        identity = ProxyIdentity.from_node_config(dict(context.node_config))
+        task = _task(msg)
+        payloads = wire.record_blobs(msg.content.array_records["payloads"])
+        rejected = proxy_validate(identity, payloads, run_id=task["run_id"], task_id=task["task_id"],
+                                  mode=task["mode"], length=int(task["length"]), options=task.get("options", {}))
+        return Message(wire.reply_content(wire.OK, {"role": "proxy", "name": name, "rejected": rejected}),
+                       reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, "proxy", name, exc)
+
+
 @app.query("aggregate")
 def aggregate(msg: Message, context: Context) -> Message:
     name = str(context.node_config.get("name", ""))
@@ -125,6 +145,7 @@ def aggregate(msg: Message, context: Context) -> Message:
             result = proxy_aggregate(
                 identity, payloads, run_id=task["run_id"], task_id=task["task_id"], mode=task["mode"],
                 length=int(task["length"]), min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"),
+                options=task.get("options", {}),
             )
         except AggregationRefused as exc:
             return Message(wire.reply_content(wire.REFUSED, {"role": "proxy", "name": name, "message": str(exc)}),

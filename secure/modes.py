@@ -182,12 +182,19 @@ def register_mode(name: str, factory: Callable[[], SecureMode]) -> None:
     _REGISTRY[name] = factory
 
 
-def get_mode(name: str) -> SecureMode:
-    """Look a mode up by its config name (`none`, `secret-sharing`, `ckks`)."""
+def get_mode(name: str, **options: object) -> SecureMode:
+    """Look a mode up by its config name (`none`, `secret-sharing`, `ckks`), configured with `options`.
+
+    Options a mode does not take are ignored, so callers can pass one set for every mode.
+    """
+    import inspect
+
     _load_builtin_modes()
     if name not in _REGISTRY:
         raise KeyError(f"unknown secure mode {name!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name]()
+    factory = _REGISTRY[name]
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in options.items() if k in accepted})
 
 
 def available_modes() -> list[str]:
