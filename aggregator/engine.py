@@ -265,6 +265,10 @@ class Federation:
             status, info = reply_ok(reply)
             metrics = wire.reply_metrics(reply.content) if not reply.has_error() else {}
             self._record_client(rnd, node, status, metrics)
+            if status == wire.DROPPED:  # experiment knob `dropout`: the same as an absent client
+                self.event("dropout", f"round {rnd}: {info.get('message', node.name + ' dropped out')}", level="warn",
+                           source=node.name, round=rnd)
+                continue
             if status == wire.BUDGET_EXHAUSTED:
                 self.event("budget_exhausted", info.get("message", f"{node.name} declined: budget exhausted"),
                            level="warn", source=node.name, round=rnd)
@@ -279,7 +283,7 @@ class Federation:
             }
         return contributions
 
-    def _record_client(self, rnd: int, node: Node, status: str, m: dict[str, float]) -> None:
+    def _record_client(self, rnd: int, node: Node, status: str, m: dict[str, float], staleness: int | None = None) -> None:
         steps = m.get("steps")
         self.store.record_client_round(
             self.run_id, rnd, node.name, status, node_id=str(node.node_id),
@@ -287,7 +291,7 @@ class Federation:
             epsilon=m.get("epsilon"), delta=m.get("delta"), budget=m.get("budget"),
             noise_multiplier=m.get("noise_multiplier"), sample_rate=m.get("sample_rate"),
             steps=None if steps is None else int(steps), accountant=self.cfg.privacy.accountant,
-            train_seconds=m.get("train_seconds"), bytes_up=int(m.get("bytes_up", 0)),
+            train_seconds=m.get("train_seconds"), bytes_up=int(m.get("bytes_up", 0)), staleness=staleness,
         )
 
     def _record_previous_round_accuracy(self, rnd: int, replies: dict[int, Message]) -> None:
@@ -307,9 +311,18 @@ class Federation:
         self.store.set_round_evaluation(self.run_id, rnd, acc, loss)
         return acc, loss
 
-    def _proxy_task(self, task_id: str, length: int) -> dict[str, Any]:
-        return {"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name, "length": length,
+    def _proxy_task(self, task_id: str, length: int, contributions: dict[str, dict] | None = None,
+                    weights: dict[str, float] | None = None) -> dict[str, Any]:
+        """An aggregate request. Payloads answering other train tasks (async buffers, semi-sync carry-over)
+        stay bound to their own task: `task_ids` tells the proxies which; `weights` are public factors."""
+        task = {"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name, "length": length,
                 "min_aggregate": self.cfg.federation.min_aggregate, "options": self.cfg.secure_options()}
+        own = {cid: c["task_id"] for cid, c in (contributions or {}).items() if c.get("task_id", task_id) != task_id}
+        if own:
+            task["task_ids"] = {cid: c.get("task_id", task_id) for cid, c in contributions.items()}
+        if weights is not None:
+            task["weights"] = {cid: float(w) for cid, w in weights.items()}
+        return task
 
     def _ask_proxies(self, rnd: int, kind: str, task: dict[str, Any], groups: dict[str, dict[str, bytes]]
                      ) -> dict[str, tuple[str, dict[str, Any], Message]]:
@@ -353,10 +366,13 @@ class Federation:
         common = set.intersection(*(set(g) for g in groups.values())) - bad
         return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items()}
 
-    def _aggregate(self, rnd: int, task_id: str, contributions: dict[str, dict]) -> tuple[np.ndarray | None, list[str], dict]:
-        """Forward each proxy the payloads addressed to it; combine the partials into sum n_i delta_i."""
+    def _aggregate(self, rnd: int, task_id: str, contributions: dict[str, dict],
+                   weights: dict[str, float] | None = None) -> tuple[np.ndarray | None, list[str], dict]:
+        """Forward each proxy the payloads addressed to it; combine the partials into sum w_i n_i delta_i.
+
+        `weights` (async staleness factors) must already be on the mode's grid (`applied_weight`)."""
         length = int(self.weights.size)
-        task = self._proxy_task(task_id, length)
+        task = self._proxy_task(task_id, length, contributions, weights)
         groups: dict[str, dict[str, bytes]] = {}
         for cid, c in contributions.items():
             for proxy_name, blob in c["payloads"].items():
@@ -402,14 +418,14 @@ class Federation:
         stats["finish_seconds"] = time.perf_counter() - start
         return total, included, stats
 
-    def _record_round(self, rnd: int, started: float, participants: int, stats: dict) -> None:
+    def _record_round(self, rnd: int, started: float, participants: int, stats: dict, **more: Any) -> None:
         finished = time.time()
         self.store.record_round(
             self.run_id, rnd, started_at=started, finished_at=finished, seconds=finished - started,
             participants=participants, bytes_up=int(stats.get("bytes_up", 0)),
             protect_seconds=float(stats.get("protect_seconds", 0.0)),
             combine_seconds=float(stats.get("combine_seconds", 0.0)),
-            finish_seconds=float(stats.get("finish_seconds", 0.0)),
+            finish_seconds=float(stats.get("finish_seconds", 0.0)), **more,
         )
 
     # ---- the whole run ------------------------------------------------------------------
@@ -424,10 +440,8 @@ class Federation:
         return self._store_weighted_eval(rnd, evals, "num_val")
 
     def run(self) -> dict[str, Any]:
+        """Handshake, then rounds: sync, semi-sync (late replies dropped or carried), or async (FedBuff)."""
         fed = self.cfg.federation
-        if fed.mode == "async":
-            raise FedveilError("asynchronous rounds are not available in this release",
-                               "use federation.mode = 'sync' or 'semi-sync'")
         self.store.create_run(self.run_id, mode=fed.mode, secure=fed.secure, name=fed.name,
                               dataset=self.cfg.data.source, model=self.cfg.model.name, rounds_planned=fed.rounds,
                               config=self.cfg.model_dump())
@@ -438,9 +452,18 @@ class Federation:
             self.handshake()
             first = self.init_model()
             last = first - 1
-            for rnd in range(first, fed.rounds + 1):
-                self.run_round(rnd)
-                last = rnd
+            if fed.mode == "async":
+                from fedveil.aggregator.async_engine import AsyncRounds
+
+                last = AsyncRounds(self).run(first)
+            elif fed.mode == "semi-sync" and fed.late_replies == "carry":
+                from fedveil.aggregator.async_engine import SemiSyncRounds
+
+                last = SemiSyncRounds(self).run(first)
+            else:
+                for rnd in range(first, fed.rounds + 1):
+                    self.run_round(rnd)
+                    last = rnd
             result = self.final_evaluation(last) if last >= 1 else None
             self.store.finish_run(self.run_id, "completed")
             return {"rounds": last, "accuracy": None if result is None else result[0]}

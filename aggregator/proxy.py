@@ -63,14 +63,16 @@ def proxy_keyring(identity: ProxyIdentity) -> ProxyKeyring:
 
 
 def validate(identity: ProxyIdentity, payloads: Mapping[str, bytes], *, run_id: str, task_id: str, mode: str,
-             length: int, options: Mapping[str, Any] | None = None) -> dict[str, str]:
+             length: int, options: Mapping[str, Any] | None = None,
+             task_ids: Mapping[str, str] | None = None) -> dict[str, str]:
     """{client: reason} for payloads this proxy would reject; opens nothing for good, releases nothing."""
     secure_mode = get_mode(mode, **dict(options or {}))
     check = getattr(secure_mode, "validate", None)
     if check is None:
         return {}
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
-    return dict(check(payloads, binding, proxy_keyring(identity)))
+    extra = {"task_ids": dict(task_ids)} if task_ids else {}
+    return dict(check(payloads, binding, proxy_keyring(identity), **extra))
 
 
 def aggregate(
@@ -84,17 +86,21 @@ def aggregate(
     min_aggregate: int,
     weights: Mapping[str, float] | None = None,
     options: Mapping[str, Any] | None = None,
+    task_ids: Mapping[str, str] | None = None,
 ) -> CombineResult:
     """Combine one task's payloads, once. Raises AggregationRefused below `min_aggregate` distinct clients.
 
     A task is combined at most once: re-combining a subset of the same task would let a server
-    subtract two aggregates and isolate one client.
+    subtract two aggregates and isolate one client. An async buffer flush is its own aggregate task;
+    `task_ids` then names the train task each client's payload is bound to, and the replay guard
+    still opens every envelope at most once, so no payload can enter two aggregates.
     """
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
     guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
     try:
         if not guard.claim(f"task:{run_id}:{task_id}".encode()):
             raise AggregationRefused(f"task {task_id} was already aggregated by this proxy; a task is combined once")
+        extra = {"task_ids": dict(task_ids)} if task_ids else {}
         return get_mode(mode, **dict(options or {})).combine(
             payloads,
             binding,
@@ -102,6 +108,7 @@ def aggregate(
             max(min_aggregate, identity.min_aggregate),
             weights=weights,
             replay_guard=guard,
+            **extra,
         )
     finally:
         guard.close()

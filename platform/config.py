@@ -24,16 +24,19 @@ class FederationSection(_Section):
     name: str = "fedveil"
     rounds: int = Field(5, ge=1, description="synchronous rounds (or async model versions)")
     mode: Literal["sync", "semi-sync", "async"] = "sync"
-    secure: Literal["none", "secret-sharing", "ckks"] = "none"
+    secure: Literal["none", "secret-sharing", "ckks"] = "secret-sharing"
     min_aggregate: int = Field(2, ge=1, description="smallest number of clients any aggregate may cover")
     min_clients: int = Field(2, ge=1, description="minimum participation for a round to count")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 = all")
-    round_timeout: float = Field(300.0, gt=0, description="round deadline in seconds")
+    round_timeout: float = Field(300.0, gt=0, description="round deadline in seconds (async: per-task timeout)")
+    late_replies: Literal["drop", "carry"] = Field(
+        "drop", description="semi-sync: replies after the deadline are dropped, or carried into the next round "
+        "with a staleness weight (see [async] staleness)")
     seed: int = 0
 
 
 class DataSection(_Section):
-    source: str = "digits"
+    source: str = "breast_cancer"
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     shards_per_client: int = Field(2, ge=1)
@@ -47,7 +50,7 @@ class ModelSection(_Section):
 
 
 class TrainingSection(_Section):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -61,13 +64,13 @@ class PrivacySection(_Section):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
-    budget: float = Field(10.0, gt=0, description="default per-organization epsilon budget")
+    budget: float = Field(20.0, gt=0, description="default per-organization epsilon budget")
     grad_sample_mode: Literal["auto", "hooks", "ghost", "ew", "functorch"] = "auto"
 
     @model_validator(mode="after")
     def _sigma_or_target(self) -> "PrivacySection":
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
-            self.noise_multiplier = 1.0
+            self.noise_multiplier = 2.0
         return self
 
 
@@ -89,6 +92,21 @@ class SecureSection(_Section):
     keys_dir: str = ""
 
 
+class AsyncSection(_Section):
+    """`[async]`: FedBuff-style asynchronous rounds (federation.mode = "async"), and the staleness
+    weighting that semi-sync rounds with `federation.late_replies = "carry"` also use (DESIGN §7)."""
+
+    concurrency: int = Field(0, ge=0, description="clients training at once; 0 = every client")
+    buffer_size: int = Field(2, ge=1, description="K: updates per aggregate; must be >= federation.min_aggregate")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial", description="weight of an update s versions old: 1 | (1+s)^-a | 1 if s<=b else 1/(a(s-b)+1)")
+    staleness_exponent: float = Field(0.5, ge=0, description="a of the polynomial weight (1+s)^-a")
+    hinge_a: float = Field(10.0, ge=0, description="slope a of the hinge weight")
+    hinge_b: int = Field(4, ge=0, description="versions b a hinge-weighted update may lag at full weight")
+    max_staleness: int = Field(10, ge=0, description="updates more than this many versions old are dropped")
+    server_lr: float = Field(1.0, gt=0, description="eta in w <- w + eta * sum a_i n_i d_i / sum a_i n_i")
+
+
 class ProxySection(_Section):
     names: list[str] = Field(default_factory=lambda: ["proxy-1", "proxy-2"])
 
@@ -98,6 +116,13 @@ class OrgSection(_Section):
     data: str = ""
     budget: float | None = Field(None, gt=0)
     device: str = ""
+    # EXPERIMENT KNOBS (demo / simulation / benchmarks only, never production settings): they make this
+    # organization artificially slow or unreliable, applied by its own node around each train task.
+    speed_factor: float = Field(1.0, gt=0, le=1, description="EXPERIMENT KNOB: relative compute speed; 0.2 = "
+                                "5x slower (the node waits (1/speed_factor - 1) x its training time)")
+    latency: float = Field(0.0, ge=0, description="EXPERIMENT KNOB: seconds added before each train reply")
+    dropout: float = Field(0.0, ge=0, lt=1, description="EXPERIMENT KNOB: probability that a train task is "
+                           "abandoned (no update, no privacy spent; the server sees a dropout)")
 
 
 class FedveilConfig(_Section):
@@ -109,7 +134,11 @@ class FedveilConfig(_Section):
     server: ServerSection = Field(default_factory=ServerSection)
     secure: SecureSection = Field(default_factory=SecureSection)
     proxies: ProxySection = Field(default_factory=ProxySection)
+    async_: AsyncSection = Field(default_factory=AsyncSection, alias="async")
     orgs: list[OrgSection] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> "FedveilConfig":
@@ -131,6 +160,21 @@ class FedveilConfig(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) must be >= federation.min_aggregate "
                 f"({self.federation.min_aggregate}), or no round could ever be aggregated"
             )
+        if self.async_.buffer_size < self.federation.min_aggregate:
+            raise ValueError(
+                f"async.buffer_size ({self.async_.buffer_size}) must be >= federation.min_aggregate "
+                f"({self.federation.min_aggregate}): no aggregate may cover fewer clients; raise async.buffer_size"
+            )
+        if self.federation.mode == "async" and self.orgs and self.async_.buffer_size > len(self.orgs):
+            raise ValueError(
+                f"async.buffer_size ({self.async_.buffer_size}) exceeds the {len(self.orgs)} organizations, and a "
+                "buffer holds at most one update per client; lower async.buffer_size or add organizations"
+            )
+        if self.federation.mode == "async" and 0 < self.async_.concurrency < self.async_.buffer_size:
+            raise ValueError(
+                f"async.concurrency ({self.async_.concurrency}) is below async.buffer_size "
+                f"({self.async_.buffer_size}), so a buffer could never fill; raise async.concurrency (0 = all)"
+            )
         return self
 
     def org(self, name: str) -> OrgSection:
@@ -145,8 +189,12 @@ class FedveilConfig(_Section):
 
     def secure_options(self) -> dict[str, Any]:
         """Options every party passes to `fedveil.secure.modes.get_mode` so they agree on the encoding."""
+        weighted = self.federation.mode == "async" or (
+            self.federation.mode == "semi-sync" and self.federation.late_replies == "carry")
+        # Staleness weights are applied by ckks proxies as plaintext scalars: one spare level lets them
+        # multiply at full precision (2^-40) instead of a 2^-8 grid at the lowest level (secure/ckks.py).
         return {"frac_bits": self.secure.frac_bits, "clip": self.secure.clip_range,
-                "min_aggregate": self.federation.min_aggregate}
+                "min_aggregate": self.federation.min_aggregate, "spare_levels": 1 if weighted else 0}
 
     def to_json(self) -> str:
         return self.model_dump_json()

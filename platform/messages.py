@@ -25,6 +25,7 @@ OK = "ok"
 BUDGET_EXHAUSTED = "budget_exhausted"
 ERROR = "error"
 REFUSED = "refused"
+DROPPED = "dropped"  # EXPERIMENT KNOB `dropout`: the client abandoned the task (no update, no ε spent)
 
 
 def blobs_record(blobs: Mapping[str, bytes]) -> ArrayRecord:

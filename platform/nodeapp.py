@@ -73,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     if _role(context) != "client":
         return _error_reply(msg, _role(context), name, FedveilError("a proxy node was sent a train task"))
     try:
+        from fedveil.clients import knobs as knobs_mod
         from fedveil.clients.node import ClientIdentity, protect, train_task
 
         identity = ClientIdentity.from_node_config(dict(context.node_config))
@@ -80,6 +81,12 @@ def train(msg: Message, context: Context) -> Message:
         federation = _federation(msg)
         cache = _state_cache(context)
         arrays = wire.record_weights(msg.content.array_records["global"])
+        knobs = _experiment_knobs(identity, federation)
+        if knobs is not None and knobs_mod.drops_out(knobs):
+            knobs_mod.slow_down(knobs, 0.0)
+            return Message(wire.reply_content(wire.DROPPED, {"org": identity.org, "message": f"{identity.org} "
+                           "abandoned the task (experiment knob orgs.dropout)"}), reply_to=msg)
+        busy = time.perf_counter()
         outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
         _save_state_cache(context, cache)
         blobs = None
@@ -89,10 +96,22 @@ def train(msg: Message, context: Context) -> Message:
                             task["run_id"], task["task_id"], str(context.node_id))
             outcome.metrics["protect_seconds"] = time.perf_counter() - start
             outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
+        if knobs is not None:
+            outcome.metrics["injected_seconds"] = knobs_mod.slow_down(knobs, time.perf_counter() - busy)
         return Message(wire.reply_content(outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs),
                        reply_to=msg)
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, "client", name, exc)
+
+
+def _experiment_knobs(identity, federation):
+    """EXPERIMENT KNOBS (speed_factor, latency, dropout) for this org, from its own config file, else the run's."""
+    from fedveil.clients import knobs as knobs_mod
+    from fedveil.clients.node import local_config
+
+    cfg = local_config(identity, federation) if identity.local_config else federation
+    knobs = knobs_mod.knobs_for(cfg, identity.org)
+    return knobs if knobs.active else None
 
 
 @app.evaluate()
@@ -121,7 +140,8 @@ def validate(msg: Message, context: Context) -> Message:
         task = _task(msg)
         payloads = wire.record_blobs(msg.content.array_records["payloads"])
         rejected = proxy_validate(identity, payloads, run_id=task["run_id"], task_id=task["task_id"],
-                                  mode=task["mode"], length=int(task["length"]), options=task.get("options", {}))
+                                  mode=task["mode"], length=int(task["length"]), options=task.get("options", {}),
+                                  task_ids=task.get("task_ids"))
         return Message(wire.reply_content(wire.OK, {"role": "proxy", "name": name, "rejected": rejected}),
                        reply_to=msg)
     except Exception as exc:  # noqa: BLE001
@@ -145,7 +165,7 @@ def aggregate(msg: Message, context: Context) -> Message:
             result = proxy_aggregate(
                 identity, payloads, run_id=task["run_id"], task_id=task["task_id"], mode=task["mode"],
                 length=int(task["length"]), min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"),
-                options=task.get("options", {}),
+                options=task.get("options", {}), task_ids=task.get("task_ids"),
             )
         except AggregationRefused as exc:
             return Message(wire.reply_content(wire.REFUSED, {"role": "proxy", "name": name, "message": str(exc)}),

@@ -48,6 +48,7 @@ from fedveil.secure.modes import (
     ReplayGuard,
     ServerKeyring,
     balanced_groups,
+    client_binding,
     register_mode,
 )
 
@@ -313,6 +314,10 @@ class CKKSMode:
     def assign(self, client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
         return balanced_groups(client_ids, proxy_ids, min_aggregate)
 
+    def effective_weight(self, w: float) -> float:
+        """The weight the proxies apply: exact (2^-40 scale) with a spare level, else on a 2^-weight_bits grid."""
+        return float(w) if self.spare_levels > 0 else effective_weight(w, self.weight_bits)
+
     # -- client ----------------------------------------------------------------------------
     def protect(self, vector: np.ndarray, proxies: Sequence[str], binding: Binding, keys: ClientKeyring) -> dict[str, bytes]:
         if len(proxies) != 1:
@@ -372,6 +377,7 @@ class CKKSMode:
         min_aggregate: int,
         weights: Mapping[str, float] | None = None,
         replay_guard: ReplayGuard | None = None,
+        task_ids: Mapping[str, str] | None = None,
     ) -> CombineResult:
         if keys.private_key is None:
             raise SecurityError(f"proxy {keys.proxy_id!r} has no X25519 private key loaded.", KEYS_FIX)
@@ -387,7 +393,8 @@ class CKKSMode:
                     rejected[cid] = f"invalid weight {w}"
                     continue
             try:
-                opened[cid] = self._open(rt, payloads[cid], _replace(binding, client_id=cid, proxy_id=keys.proxy_id), keys, replay_guard)
+                opened[cid] = self._open(rt, payloads[cid], client_binding(binding, cid, keys.proxy_id, task_ids), keys,
+                                         replay_guard)
             except SecurityError as exc:
                 rejected[cid] = exc.problem
             except ValueError as exc:

@@ -6,6 +6,11 @@ without touching them. Everything here is pure: arrays and bytes in, arrays and 
 Vectors are flat float64 arrays that the client has *already weighted* by its sample count
 n_i, so the server's total is sum_i n_i * delta_i and it divides by sum_i n_i itself.
 Proxies may apply extra public per-client factors (async staleness weights) in `combine`.
+
+Async aggregates mix payloads of different train tasks: each payload stays bound to the task it
+answered, so `combine` and `validate` take `task_ids` ({client: task id}) to open each envelope
+against its own task, while `binding.task_id` names the aggregate itself. `effective_weight`
+says which weight a mode really applies (fixed-point grids), so the server normalizes with it.
 """
 
 from __future__ import annotations
@@ -88,13 +93,32 @@ class SecureMode(Protocol):
         min_aggregate: int,
         weights: Mapping[str, float] | None = None,
         replay_guard: ReplayGuard | None = None,
+        task_ids: Mapping[str, str] | None = None,
     ) -> CombineResult:
-        """Proxy side: open, guard, and sum the payloads (keyed by client id). `binding.client_id` is ignored."""
+        """Proxy side: open, guard, and sum the payloads (keyed by client id). `binding.client_id` is ignored.
+
+        `task_ids` (optional) gives the train task each client's payload is bound to; clients not in it
+        (or all, when it is None) are opened against `binding.task_id`.
+        """
         ...
 
     def finish(self, partials: Sequence[bytes], length: int, keys: ServerKeyring) -> np.ndarray:
         """Server side: turn the proxies' partials into the float64 total sum_i w_i n_i delta_i."""
         ...
+
+
+def client_binding(binding: Binding, client_id: str, proxy_id: str, task_ids: Mapping[str, str] | None = None) -> Binding:
+    """The binding one client's payload was sealed under: its own train task when `task_ids` names one."""
+    from dataclasses import replace
+
+    task_id = binding.task_id if not task_ids else str(task_ids.get(client_id, binding.task_id))
+    return replace(binding, client_id=client_id, proxy_id=proxy_id, task_id=task_id)
+
+
+def applied_weight(mode: object, weight: float) -> float:
+    """The weight `mode`'s proxies really apply for `weight` (a mode without a grid applies it as is)."""
+    quantize = getattr(mode, "effective_weight", None)
+    return float(weight) if quantize is None else float(quantize(weight))
 
 
 class AggregationRefused(Exception):
@@ -146,6 +170,7 @@ class PlaintextMode:
         min_aggregate: int,
         weights: Mapping[str, float] | None = None,
         replay_guard: ReplayGuard | None = None,
+        task_ids: Mapping[str, str] | None = None,
     ) -> CombineResult:
         total = np.zeros(binding.length, dtype=np.float64)
         included: list[str] = []
@@ -166,6 +191,9 @@ class PlaintextMode:
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
             )
         return CombineResult(total.tobytes(), included, rejected)
+
+    def effective_weight(self, w: float) -> float:
+        return float(w)
 
     def finish(self, partials: Sequence[bytes], length: int, keys: ServerKeyring) -> np.ndarray:
         total = np.zeros(length, dtype=np.float64)

@@ -46,6 +46,7 @@ from fedveil.secure.modes import (
     ProxyKeyring,
     ReplayGuard,
     ServerKeyring,
+    client_binding,
     register_mode,
 )
 
@@ -149,13 +150,14 @@ class SecretSharingMode:
             return np.frombuffer(body, dtype="<u8").astype(np.uint64, copy=False)
         raise ValueError(f"unknown share kind {kind}")
 
-    def validate(self, payloads: Mapping[str, bytes], binding: Binding, keys: ProxyKeyring) -> dict[str, str]:
+    def validate(self, payloads: Mapping[str, bytes], binding: Binding, keys: ProxyKeyring,
+                 task_ids: Mapping[str, str] | None = None) -> dict[str, str]:
         """Check every payload without claiming replay ids or releasing anything; return {client: reason} of the bad ones."""
         _require_private(keys)
         bad = {}
         for cid in sorted(payloads):
             try:
-                self._open_share(payloads[cid], replace(binding, client_id=cid, proxy_id=keys.proxy_id), keys, None)
+                self._open_share(payloads[cid], client_binding(binding, cid, keys.proxy_id, task_ids), keys, None)
             except SecurityError as exc:
                 bad[cid] = exc.problem
             except ValueError as exc:
@@ -170,6 +172,7 @@ class SecretSharingMode:
         min_aggregate: int,
         weights: Mapping[str, float] | None = None,
         replay_guard: ReplayGuard | None = None,
+        task_ids: Mapping[str, str] | None = None,
     ) -> CombineResult:
         _require_private(keys)
         q = self.weight_bits if weights is not None else 0
@@ -186,7 +189,8 @@ class SecretSharingMode:
                     continue
                 factor = int(round(w * 2**q))
             try:
-                share = self._open_share(payloads[cid], replace(binding, client_id=cid, proxy_id=keys.proxy_id), keys, replay_guard)
+                share = self._open_share(payloads[cid], client_binding(binding, cid, keys.proxy_id, task_ids), keys,
+                                         replay_guard)
             except SecurityError as exc:
                 rejected[cid] = exc.problem
                 continue
@@ -206,6 +210,10 @@ class SecretSharingMode:
         if self.clip is not None:
             fixedpoint.check_overflow(self.clip, self.frac_bits, len(included), max_factor / 2**q, q)
         return CombineResult(encode_partial(total, included, self.frac_bits, q), included, rejected)
+
+    def effective_weight(self, w: float) -> float:
+        """The weight the proxies apply: the integer round(w * 2^weight_bits), i.e. w on a 2^-16 grid."""
+        return round(float(w) * 2**self.weight_bits) / 2**self.weight_bits
 
     # -- server ----------------------------------------------------------------------------
     def finish(self, partials: Sequence[bytes], length: int, keys: ServerKeyring) -> np.ndarray:
