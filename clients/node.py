@@ -252,6 +252,23 @@ def client_keyring(identity: ClientIdentity):
     return load_client_keyring_dir(identity.keys_dir)
 
 
+def check_protection_ready(identity: ClientIdentity, federation: FedveilConfig, proxies: list[str]) -> None:
+    """Fail before training (and before any ε is spent) if this client could not protect its update."""
+    from fedveil.platform.errors import SecurityError
+
+    mode = federation.federation.secure
+    if mode == "none":
+        return
+    keys = client_keyring(identity)
+    missing = [p for p in proxies if p not in keys.proxy_public_keys]
+    if missing:
+        raise SecurityError(f"{identity.org} has no provisioned public key for proxies {missing}",
+                            "run `fedveil keys init` and give this organization its bundle (--keys); proxy keys are "
+                            "never taken from the server")
+    if mode == "ckks" and keys.ckks_public_context is None:
+        raise SecurityError(f"{identity.org} has no CKKS public context", "re-run `fedveil keys init` without --no-ckks")
+
+
 def protect(identity: ClientIdentity, federation: FedveilConfig, vector: np.ndarray, proxies: list[str],
             run_id: str, task_id: str, client_id: str) -> dict[str, bytes]:
     """Seal/share/encrypt the weighted update for the proxies the server assigned."""

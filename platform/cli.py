@@ -18,6 +18,7 @@ from typing import Any, Callable
 from fedveil.platform.errors import FedveilError
 
 SECURE_MODES = ("none", "secret-sharing", "ckks")
+SUPERNODE_NOT_ADMITTED = "Exit Code: 305"  # what flower-supernode prints when the SuperLink does not activate it
 ROUND_MODES = ("sync", "semi-sync", "async")
 
 
@@ -58,7 +59,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         fed.start()
         if not args.no_dashboard:
-            dashboard = _start_dashboard(fed.store_url, args.port)
+            (workdir / "logs").mkdir(parents=True, exist_ok=True)
+            dashboard = _start_dashboard(fed.store_url, args.port, workdir)
         fed.submit(run_name)
         _say(f"run {run_name} submitted; waiting for nodes to join")
         started = time.monotonic()
@@ -117,45 +119,65 @@ def _print_summary(store, run_name: str) -> None:
              f"budget={c['budget'] if c['budget'] is not None else 'n/a'}  last status={c['status']}")
 
 
-def _start_dashboard(url: str, port: int | None):
-    try:
-        from fedveil.dashboard.serve import serve
-    except ImportError:
-        return None
+def _start_dashboard(url: str, port: int | None, workdir: Path):
+    """Serve the dashboard next to the demo; the demo keeps running if it cannot start."""
+    from fedveil.dashboard.serve import serve, url_for, wait_ready
     from fedveil.platform.launcher import free_port
 
     port = port or free_port()
-    proc = serve(url, port=port, background=True)
-    _say(f"dashboard: http://127.0.0.1:{port}")
+    proc = serve(url, port=port, background=True, log_file=workdir / "logs" / "dashboard.log")
+    if wait_ready("127.0.0.1", port, timeout=60, proc=proc):
+        _say(f"dashboard: {url_for('127.0.0.1', port)} (live; stops when the demo ends, or keep it with "
+             f"`fedveil dashboard --workdir {workdir}`)")
+    else:
+        _say(f"warning: the dashboard did not start; see {workdir / 'logs' / 'dashboard.log'}")
     return proc
 
 
 def _stop_process(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except Exception:  # noqa: BLE001
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except Exception:  # noqa: BLE001
-            pass
+    from fedveil.dashboard.serve import stop
+
+    stop(proc)
 
 
 # ---- deployment roles ---------------------------------------------------------------------------
-def _run_foreground(argv: list[str], env: dict[str, str]) -> int:
-    """Run a Flower process in the foreground; Ctrl-C stops it (and its children) cleanly."""
-    import subprocess
+def _run_foreground(argv: list[str], env: dict[str, str], watch_for: str = "") -> tuple[int, bool]:
+    """Run a Flower process in the foreground, echoing its output; stop its children when it ends.
 
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    Returns (exit code, whether `watch_for` appeared in its output): Flower exits 1 for most
+    failures, so the reason is only in what it prints.
+    """
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    seen = threading.Event()
+
+    def echo() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if watch_for and watch_for in line:
+                seen.set()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
+        code = 130
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # the SuperNode's helpers share its session
         try:
-            proc.wait(timeout=10)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        return 130
+            pass
+    reader.join(timeout=5)
+    return code, seen.is_set()
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -182,6 +204,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         launcher.write_connection(Path(env["FLWR_HOME"]), "fedveil", f"{connect_host}:{port}",
                                   None if tls is None else tls.ca_cert)
         _say(f"SuperLink listening on {host}:{port}; logs in {workdir / 'logs'}")
+        if args.keys:
+            registered = sorted((Path(args.keys) / "server" / "supernodes").glob("*.pub"))
+            for pub in registered:
+                launcher.register_supernode(pub, "fedveil", env)
+            _say(f"registered {len(registered)} SuperNode keys: {', '.join(p.stem for p in registered)}")
         run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         url = cfg.server.store or store_url(workdir)
         run_config = {"config": str(Path(args.config).resolve()), "workdir": str(workdir), "store": url,
@@ -260,7 +287,14 @@ def _start_supernode(args: argparse.Namespace, cfg, workdir: Path, node_config: 
     superlink = args.superlink or cfg.server.superlink
     argv = launcher.supernode_argv(superlink, args.port or launcher.free_port(), node_config, ca_cert=ca, auth_key=auth)
     _say(f"{node_config['role']} {node_config['name']} connecting to {superlink} (Ctrl-C to stop)")
-    return _run_foreground(argv, launcher.flower_env(workdir))
+    code, refused = _run_foreground(argv, launcher.flower_env(workdir), watch_for=SUPERNODE_NOT_ADMITTED)
+    if code != 0 and refused:
+        raise FedveilError(
+            f"the SuperLink at {superlink} did not admit this {node_config['role']}: its SuperNode key is not "
+            "registered there, the TLS certificate does not match, or the SuperLink is unreachable",
+            "ask the server operator to register this node's supernode.pub (`fedveil server --keys` registers every "
+            "key from `fedveil keys init`), and check --superlink and --keys")
+    return code
 
 
 # ---- reading the store ---------------------------------------------------------------------------
@@ -302,19 +336,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from fedveil.platform.store import store_url
 
-    try:
-        from fedveil.dashboard.serve import serve
-    except ImportError as exc:
-        raise FedveilError("the dashboard is not installed", "pip install fedveil[dashboard]") from exc
+    from fedveil.dashboard.serve import serve
     url = args.store or store_url(args.workdir)
     _say(f"dashboard for {url} on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    proc = serve(url, port=args.port, host=args.host, password=os.environ.get("FEDVEIL_DASHBOARD_PASSWORD"),
-                 background=True)
-    try:
-        return proc.wait() if proc is not None else 0
-    except KeyboardInterrupt:
-        _stop_process(proc)
-        return 130
+    serve(url, port=args.port, host=args.host, password=os.environ.get("FEDVEIL_DASHBOARD_PASSWORD"))
+    return 0
 
 
 # ---- argument parsing --------------------------------------------------------------------------
@@ -328,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, help="number of rounds (default: config or 5)")
     demo.add_argument("--clients", type=int, help="number of organizations (default 3)")
     demo.add_argument("--proxies", type=int, help="number of proxy aggregators (default 2)")
-    demo.add_argument("--dataset", help="breast_cancer, digits, wine, mnist (default: digits)")
+    demo.add_argument("--dataset", help="breast_cancer, digits, wine, mnist (default: breast_cancer)")
     demo.add_argument("--secure", choices=SECURE_MODES, help="secure aggregation mode")
     demo.add_argument("--mode", choices=ROUND_MODES, help="round mode")
     demo.add_argument("--workdir", help="where the store, logs and ledgers go (default ./fedveil-demo)")

@@ -12,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -108,3 +109,32 @@ class LocalGrid(Grid):
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def grid_for_config(cfg, workdir: Path, *, delays: dict[str, float | Callable[[Message], float]] | None = None,
+                    dead: set[str] | None = None, keys_dir: Path | None = None) -> LocalGrid:
+    """A LocalGrid with one node per proxy and organization of `cfg` (proxies 1.., clients 101..).
+
+    Node configs match what `fedveil demo` gives real SuperNodes, including each organization's
+    own copy of the config file (its budget never comes from the server).
+    """
+    from fedveil.platform.federation import write_config
+    from fedveil.platform.nodeapp import app
+
+    delays = delays or {}
+    dead = dead or set()
+    config_path = write_config(cfg, workdir / "federation.toml")
+    nodes: dict[int, LocalNode] = {}
+    for i, name in enumerate(cfg.proxies.names):
+        nc: dict[str, Any] = {"role": "proxy", "name": name, "workdir": str(workdir / "proxies" / name),
+                              "min-aggregate": cfg.federation.min_aggregate}
+        if keys_dir is not None:
+            nc["keys"] = str(keys_dir / name)
+        nodes[1 + i] = LocalNode(nc, delay=delays.get(name, 0.0), dead=name in dead)
+    for i, org in enumerate(cfg.orgs):
+        nc = {"role": "client", "name": org.name, "workdir": str(workdir / "orgs" / org.name), "data": org.data,
+              "index": i, "num-orgs": len(cfg.orgs), "config": str(config_path)}
+        if keys_dir is not None:
+            nc["keys"] = str(keys_dir / org.name)
+        nodes[101 + i] = LocalNode(nc, delay=delays.get(org.name, 0.0), dead=org.name in dead)
+    return LocalGrid(app, nodes)

@@ -74,11 +74,12 @@ def train(msg: Message, context: Context) -> Message:
         return _error_reply(msg, _role(context), name, FedveilError("a proxy node was sent a train task"))
     try:
         from fedveil.clients import knobs as knobs_mod
-        from fedveil.clients.node import ClientIdentity, protect, train_task
+        from fedveil.clients.node import ClientIdentity, check_protection_ready, protect, train_task
 
         identity = ClientIdentity.from_node_config(dict(context.node_config))
         task = _task(msg)
         federation = _federation(msg)
+        check_protection_ready(identity, federation, task["proxies"])
         cache = _state_cache(context)
         arrays = wire.record_weights(msg.content.array_records["global"])
         knobs = _experiment_knobs(identity, federation)

@@ -261,6 +261,12 @@ class MetricsStore:
         """The stable JSON document behind `fedveil export` (see docs/export.md)."""
         out = []
         for run in reversed(self.list_runs()):
+            client_rows = self.client_rounds(run["id"])
+            staleness: dict[int, list[int]] = {}
+            for c in client_rows:
+                if c["status"] == "ok" and c["staleness"] is not None:
+                    staleness.setdefault(int(c["round"]), []).append(int(c["staleness"]))
+            round_rows = self.rounds(run["id"])
             out.append(
                 {
                     "id": run["id"],
@@ -272,6 +278,8 @@ class MetricsStore:
                     "model": run["model"],
                     "started_at": run["started_at"],
                     "finished_at": run["finished_at"],
+                    "model_version": max((r["model_version"] for r in round_rows if r["participants"] > 0), default=0),
+                    "updates": sum(1 for c in client_rows if c["status"] == "ok"),
                     "rounds": [
                         {
                             "round": r["round"],
@@ -281,8 +289,10 @@ class MetricsStore:
                             "participants": r["participants"],
                             "seconds": r["seconds"],
                             "bytes_up": r["bytes_up"],
+                            "buffer_fill_seconds": r["buffer_fill_seconds"],
+                            "staleness": sorted(staleness.get(int(r["round"]), [])),
                         }
-                        for r in self.rounds(run["id"])
+                        for r in round_rows
                     ],
                     "clients": [
                         {
@@ -291,7 +301,7 @@ class MetricsStore:
                             "delta": c["delta"],
                             "budget": c["budget"],
                             "status": c["status"],
-                            "rounds": sum(1 for x in self.client_rounds(run["id"]) if x["org"] == c["org"] and x["status"] == "ok"),
+                            "rounds": sum(1 for x in client_rows if x["org"] == c["org"] and x["status"] == "ok"),
                         }
                         for c in self.latest_client_status(run["id"])
                     ],

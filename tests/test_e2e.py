@@ -32,7 +32,7 @@ def test_demo_runs_real_processes_and_export_reports_rounds_and_epsilon(tmp_path
     assert exported.returncode == 0, exported.stderr
     doc = json.loads(exported.stdout)
     (run,) = doc["runs"]
-    assert run["status"] == "completed" and run["mode"] == "sync" and run["secure"] == "none"
+    assert run["status"] == "completed" and run["mode"] == "sync" and run["secure"] == "secret-sharing"
     assert [r["round"] for r in run["rounds"]] == [1, 2]
     for r in run["rounds"]:
         assert set(r) >= {"round", "accuracy", "loss", "participants", "seconds"}
@@ -45,3 +45,26 @@ def test_demo_runs_real_processes_and_export_reports_rounds_and_epsilon(tmp_path
     # Every process the demo started is gone: nothing listens on the SuperLink's port any more.
     leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
+
+
+def test_supernode_with_unregistered_key_is_refused_with_a_clear_message(tmp_path: Path):
+    from fedveil.platform import launcher
+    from fedveil.platform.provision import init_federation_keys
+
+    keys = init_federation_keys(tmp_path / "keys", ["proxy-1"], ["hospital-a"], ckks=False)
+    rogue = init_federation_keys(tmp_path / "rogue", ["proxy-1"], ["hospital-a"], ckks=False)
+    (rogue / "hospital-a" / "ca.pem").write_bytes((keys / "hospital-a" / "ca.pem").read_bytes())
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text("[federation]\nname = 'x'\n")
+    port = launcher.free_port()
+    server = keys / "server"
+    tls = launcher.TlsFiles(server / "ca.pem", server / "superlink.pem", server / "superlink.key")
+    with launcher.ProcessGroup(tmp_path) as group:
+        link = group.start("superlink", launcher.superlink_argv("127.0.0.1", port, tmp_path, tls, auth=True),
+                           launcher.flower_env(tmp_path))
+        launcher.wait_for_port("127.0.0.1", port, 60, link, "flower-superlink")
+        done = fedveil("client", "--config", str(cfg), "--org", "hospital-a", "--data", "breast_cancer",
+                       "--keys", str(rogue / "hospital-a"), "--superlink", f"127.0.0.1:{port}", timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not registered" in done.stderr and "fix:" in done.stderr

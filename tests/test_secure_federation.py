@@ -33,7 +33,7 @@ def run_mode(path, keys_dir, secure: str, run_id: str = "same", **overrides):
     store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
     grid = make_local_federation(path, cfg, keys_dir=keys_dir)
     fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=30,
-                     server_keys=load_server_keyring_dir(keys_dir / "server"))
+                     server_keys=None if keys_dir is None else load_server_keyring_dir(keys_dir / "server"))
     try:
         fed.run()
     finally:
@@ -95,3 +95,15 @@ def test_tampered_share_is_rejected_recorded_and_the_round_goes_on(tmp_path, key
     assert row["participants"] == 3
     rejected = [e for e in store.events("same") if e["kind"] == "rejected"]
     assert rejected and "hospital-b" in rejected[0]["message"] and "tampered" in rejected[0]["message"]
+
+
+def test_client_without_provisioned_keys_declines_before_spending_budget(tmp_path):
+    """No proxy key in the client's bundle: a clear error, and the ledger is not charged for nothing."""
+    from fedveil.clients.ledger import PrivacyLedger
+
+    fed, store, _ = run_mode(tmp_path, None, "secret-sharing", **{"federation.min_clients": 2})
+    errors = [e for e in store.events("same") if e["kind"] == "error"]
+    assert errors and "fedveil keys init" in errors[0]["message"]
+    assert store.rounds("same")[0]["participants"] == 0
+    ledger = PrivacyLedger(tmp_path / "orgs" / "hospital-a" / "privacy-ledger.db", "hospital-a")
+    assert ledger.datasets() == []

@@ -14,7 +14,7 @@ from fedveil.platform.store import MetricsStore
 def small_config(**overrides):
     base = config_mod.FedveilConfig()
     values = {
-        "federation.rounds": 2, "federation.round_timeout": 60, "federation.min_clients": 2,
+        "federation.rounds": 2, "federation.round_timeout": 60, "federation.secure": "none", "federation.min_clients": 2,
         "data.source": "breast_cancer", "training.epochs": 1, "training.batch_size": 32, "training.lr": 0.1,
         "privacy.noise_multiplier": 1.0, "privacy.budget": 50.0,
         "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(3)],
