@@ -107,3 +107,42 @@ def test_client_without_provisioned_keys_declines_before_spending_budget(tmp_pat
     assert store.rounds("same")[0]["participants"] == 0
     ledger = PrivacyLedger(tmp_path / "orgs" / "hospital-a" / "privacy-ledger.db", "hospital-a")
     assert ledger.datasets() == []
+
+
+def test_a_client_receives_only_the_global_model_and_its_task(tmp_path, keys):
+    """Play a client: every message addressed to it holds the global model and task metadata, nothing else."""
+    from fedveil.platform import messages as wire
+
+    fed, _, grid = run_mode(tmp_path, keys, "secret-sharing")
+    client_ids = set(fed.roster.clients)
+    to_clients = [m for m in grid.sent if m.metadata.dst_node_id in client_ids]
+    assert to_clients
+    for msg in to_clients:
+        assert set(msg.content.array_records) <= {"global"}
+        assert set(msg.content.config_records) == {"task"}
+        task = wire.record_json(msg.content.config_records["task"])
+        assert set(task) <= {"run_id", "task_id", "round", "proxies", "config"}
+        if "global" in msg.content.array_records:
+            sizes = [a.size for a in wire.record_weights(msg.content.array_records["global"])]
+            assert sum(sizes) == fed.weights.size  # exactly one model, no other client's update
+
+
+def test_a_dashboard_viewer_sees_no_update_and_no_key(tmp_path, keys):
+    """Play the dashboard viewer: read the whole store; it holds metrics only, never updates or keys."""
+    import base64
+    import sqlite3
+
+    run_mode(tmp_path, keys, "ckks")
+    con = sqlite3.connect(tmp_path / "fedveil.db")
+    secrets = [(keys / "proxy-1" / "proxies" / "proxy-1" / "x25519.key").read_bytes(),
+               (keys / "hospital-a" / "supernode.key").read_bytes()[40:80],
+               (keys / "server" / "superlink.key").read_bytes()[40:80]]
+    needles = [s.hex() for s in secrets] + [base64.b64encode(s).decode()[:40] for s in secrets]
+    for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+        for row in con.execute(f"SELECT * FROM {table}"):
+            for value in row:
+                assert not isinstance(value, bytes), f"binary data in {table}"
+                if isinstance(value, str):
+                    assert len(value) < 20_000, f"a large blob in {table}"
+                    assert not any(n in value for n in needles), f"key material in {table}"
+    con.close()
