@@ -162,8 +162,10 @@ def test_no_buffer_holds_two_updates_of_one_client(tmp_path):
 
 def test_client_dying_mid_training_does_not_stall(tmp_path):
     """hospital-d hangs in every train task: its tasks time out, the others keep the buffers filling."""
-    cfg = async_config(**{"federation.round_timeout": 3, "federation.rounds": 4})
-    fed, store, grid = start(tmp_path, cfg, delays={"hospital-d": train_delay(60.0)})
+    cfg = async_config(**{"federation.round_timeout": 1.5, "federation.rounds": 6})
+    delays = {n: train_delay(0.5) for n in ORGS[:3]}
+    delays["hospital-d"] = train_delay(60.0)
+    fed, store, grid = start(tmp_path, cfg, delays=delays)
     started = time.monotonic()
     try:
         fed.run()
@@ -171,7 +173,8 @@ def test_client_dying_mid_training_does_not_stall(tmp_path):
         grid.shutdown()
     assert time.monotonic() - started < 40
     rows = store.rounds("a1")
-    assert [r["model_version"] for r in rows] == [1, 2, 3, 4] and all(r["participants"] >= 2 for r in rows)
+    assert [r["model_version"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["participants"] >= 2 for r in rows)
+    assert all("hospital-d" not in json.loads(r["extra"])["weights"] for r in rows)
     assert any(e["kind"] == "dropout" and "hospital-d" in e["message"] for e in store.events("a1"))
     assert store.get_run("a1")["status"] == "completed"
 
@@ -209,9 +212,16 @@ def keys(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("secure, tol", [("secret-sharing", 1e-6), ("ckks", 1e-6)])
+@pytest.mark.parametrize("secure, exact_tol", [("secret-sharing", 1e-5), ("ckks", 1e-8)])
 def test_secure_aggregate_with_staleness_weights_equals_plaintext_weighted_average(tmp_path, keys, monkeypatch,
-                                                                                   secure, tol):
+                                                                                   secure, exact_tol):
+    """The proxies' weighted aggregate equals sum w_i n_i Δ_i of the clients' plaintext updates, and the
+    server's step equals the plaintext staleness-weighted average within 1e-6.
+
+    Secret sharing applies integer weights round(α·2^16): against the average with exactly those
+    weights the step agrees to ~1e-7 (fixed point, 2^-24); against the exact α to < 1e-6 (measured
+    8.5e-7 worst; asserted 1e-5). CKKS with its spare level applies α at full precision: ~1e-10.
+    """
     vectors = spy_protect(monkeypatch)
     cfg = async_config(**{"federation.secure": secure, "federation.rounds": 3})
     fed, store, grid = start(tmp_path, cfg, keys_dir=keys, delays={"hospital-d": train_delay(0.8)})
@@ -221,25 +231,24 @@ def test_secure_aggregate_with_staleness_weights_equals_plaintext_weighted_avera
     finally:
         grid.shutdown()
     weighted = 0
-    for agg in seen:
+    for agg, row in zip(seen, store.rounds("a1")):
         assert agg["total"] is not None
-        c = agg["contributions"]
+        c, inc = agg["contributions"], agg["included"]
         w = agg["weights"] or {cid: 1.0 for cid in c}
-        weighted += any(v != 1.0 for v in w.values())
-        inc = agg["included"]
-        plain = {cid: vectors[(cid, c[cid]["task_id"])] for cid in inc}
-        # The secure total equals sum w_i n_i Δ_i of the plaintext updates ...
-        expected_total = sum(w[cid] * plain[cid] for cid in inc)
-        assert np.max(np.abs(agg["total"] - expected_total)) < tol * max(1.0, np.max(np.abs(expected_total)))
-        # ... so the server's step is the plaintext staleness-weighted average (exact α, not the grid's).
-        alpha = {cid: float(w_) for cid, w_ in w.items()}
-        if secure == "secret-sharing":  # weights travel on a 2^-16 grid; the server normalizes with the same grid
-            assert all(applied_weight(fed.mode, a) == a for a in alpha.values())
-        mean = sum(alpha[k] * plain[k] for k in inc) / sum(alpha[k] * c[k]["n"] for k in inc)
-        nxt = seen[seen.index(agg) + 1]["before"] if agg is not seen[-1] else fed.weights
-        np.testing.assert_allclose(nxt - agg["before"], mean, rtol=0, atol=tol)
+        base = json.loads(row["extra"])["base_versions"]
+        alpha = {k: (1 + row["model_version"] - 1 - base[c[k]["name"]]) ** -0.5 for k in inc}
+        weighted += any(a != 1.0 for a in alpha.values())
+        assert all(w[k] == applied_weight(fed.mode, alpha[k]) for k in inc)
+        plain = {k: vectors[(k, c[k]["task_id"])] for k in inc}
+        expected_total = sum(w[k] * plain[k] for k in inc)
+        assert np.max(np.abs(agg["total"] - expected_total)) < 1e-6 * max(1.0, np.max(np.abs(expected_total)))
+        step = (seen[seen.index(agg) + 1]["before"] if agg is not seen[-1] else fed.weights) - agg["before"]
+        with_applied = sum(w[k] * plain[k] for k in inc) / sum(w[k] * c[k]["n"] for k in inc)
+        np.testing.assert_allclose(step, with_applied, rtol=0, atol=1e-6)
+        with_exact = sum(alpha[k] * plain[k] for k in inc) / sum(alpha[k] * c[k]["n"] for k in inc)
+        np.testing.assert_allclose(step, with_exact, rtol=0, atol=exact_tol)
     assert weighted >= 1, "at least one aggregate must have carried non-trivial staleness weights"
-    assert [r["participants"] >= 2 for r in store.rounds("a1")] == [True] * 3
+    assert all(r["participants"] >= 2 for r in store.rounds("a1"))
 
 
 # ---- semi-sync -----------------------------------------------------------------------------------
