@@ -7,7 +7,7 @@ user never has to read a pydantic traceback to find a typo in their federation f
 from __future__ import annotations
 
 import json
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedveil.platform.errors import ConfigError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class FederationSection(_Section):
-    name: str = "fedveil"
+    name: str = "demo"
     rounds: int = Field(5, ge=1, description="synchronous rounds (or async model versions)")
     mode: Literal["sync", "semi-sync", "async"] = "sync"
     secure: Literal["none", "secret-sharing", "ckks"] = "secret-sharing"

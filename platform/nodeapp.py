@@ -7,7 +7,9 @@ Expected failures become an `error` status with a readable message, never a trac
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -17,24 +19,49 @@ from fedveil.platform.errors import FedveilError
 
 app = ClientApp()
 
+Handler = Callable[[Message, Context], Message]
+
 
 def _role(context: Context) -> str:
     return str(context.node_config.get("role", "client"))
 
 
+def _name(context: Context) -> str:
+    return str(context.node_config.get("name", ""))
+
+
 def _federation(msg: Message):
     from fedveil.platform.config import FedveilConfig
 
-    return FedveilConfig.from_json(wire.record_json(msg.content.config_records["task"])["config"])
+    return FedveilConfig.from_json(_task(msg)["config"])
 
 
 def _task(msg: Message) -> dict:
     return wire.record_json(msg.content.config_records["task"])
 
 
-def _error_reply(msg: Message, role: str, name: str, exc: Exception) -> Message:
-    text = str(exc) if isinstance(exc, FedveilError) else f"{type(exc).__name__}: {exc}"
-    return Message(wire.reply_content(wire.ERROR, {"role": role, "name": name, "message": text}), reply_to=msg)
+def _reply(msg: Message, status: str, info: dict, **parts) -> Message:
+    return Message(wire.reply_content(status, info, **parts), reply_to=msg)
+
+
+def guarded(role: str | None) -> Callable[[Handler], Handler]:
+    """Check the node's role, and turn every failure into an `error` reply the server records."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            actual = _role(context)
+            try:
+                if role is not None and actual != role:
+                    raise FedveilError(f"a {actual} node was sent a {msg.metadata.message_type} message")
+                return handler(msg, context)
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the server as a status
+                text = str(exc) if isinstance(exc, FedveilError) else f"{type(exc).__name__}: {exc}"
+                return _reply(msg, wire.ERROR, {"role": actual, "name": _name(context), "message": text})
+
+        return run
+
+    return wrap
 
 
 def _state_cache(context: Context) -> dict:
@@ -48,132 +75,85 @@ def _save_state_cache(context: Context, cache: dict) -> None:
 
 
 @app.query("hello")
+@guarded(None)
 def hello(msg: Message, context: Context) -> Message:
     """Role discovery and liveness: the server cannot read node_config, so nodes describe themselves."""
-    role = _role(context)
-    name = str(context.node_config.get("name", ""))
-    try:
-        if role == "proxy":
-            from fedveil.secure.modes import available_modes
+    if _role(context) == "proxy":
+        from fedveil.secure.modes import available_modes
 
-            info = {"role": "proxy", "name": name, "modes": available_modes(),
-                    "min_aggregate": int(context.node_config.get("min-aggregate", 2))}
-        else:
-            from fedveil.clients.node import ClientIdentity, hello as client_hello
+        info = {"role": "proxy", "name": _name(context), "modes": available_modes(),
+                "min_aggregate": int(context.node_config.get("min-aggregate", 2))}
+    else:
+        from fedveil.clients.node import ClientIdentity, hello as client_hello
 
-            info = client_hello(ClientIdentity.from_node_config(dict(context.node_config)), _federation(msg))
-        return Message(wire.reply_content(wire.OK, info), reply_to=msg)
-    except Exception as exc:  # noqa: BLE001 - every failure must reach the server as a status
-        return _error_reply(msg, role, name, exc)
+        info = client_hello(ClientIdentity.from_node_config(dict(context.node_config)), _federation(msg))
+    return _reply(msg, wire.OK, info)
 
 
 @app.train()
+@guarded("client")
 def train(msg: Message, context: Context) -> Message:
-    name = str(context.node_config.get("name", ""))
-    if _role(context) != "client":
-        return _error_reply(msg, _role(context), name, FedveilError("a proxy node was sent a train task"))
-    try:
-        from fedveil.clients import knobs as knobs_mod
-        from fedveil.clients.node import ClientIdentity, check_protection_ready, protect, train_task
+    from fedveil.clients.node import ClientIdentity, check_protection_ready, protect, train_task
 
-        identity = ClientIdentity.from_node_config(dict(context.node_config))
-        task = _task(msg)
-        federation = _federation(msg)
-        check_protection_ready(identity, federation, task["proxies"])
-        cache = _state_cache(context)
-        arrays = wire.record_weights(msg.content.array_records["global"])
-        knobs = _experiment_knobs(identity, federation)
-        if knobs is not None and knobs_mod.drops_out(knobs):
-            knobs_mod.slow_down(knobs, 0.0)
-            return Message(wire.reply_content(wire.DROPPED, {"org": identity.org, "message": f"{identity.org} "
-                           "abandoned the task (experiment knob orgs.dropout)"}), reply_to=msg)
-        busy = time.perf_counter()
-        outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
-        _save_state_cache(context, cache)
-        blobs = None
-        if outcome.status == wire.OK and outcome.vector is not None:
-            start = time.perf_counter()
-            blobs = protect(identity, federation, outcome.vector, task["proxies"],
-                            task["run_id"], task["task_id"], str(context.node_id))
-            outcome.metrics["protect_seconds"] = time.perf_counter() - start
-            outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
-        if knobs is not None:
-            outcome.metrics["injected_seconds"] = knobs_mod.slow_down(knobs, time.perf_counter() - busy)
-        return Message(wire.reply_content(outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs),
-                       reply_to=msg)
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, "client", name, exc)
-
-
-def _experiment_knobs(identity, federation):
-    """EXPERIMENT KNOBS (speed_factor, latency, dropout) for this org, from its own config file, else the run's."""
-    from fedveil.clients import knobs as knobs_mod
-    from fedveil.clients.node import local_config
-
-    cfg = local_config(identity, federation) if identity.local_config else federation
-    knobs = knobs_mod.knobs_for(cfg, identity.org)
-    return knobs if knobs.active else None
+    identity = ClientIdentity.from_node_config(dict(context.node_config))
+    task = _task(msg)
+    federation = _federation(msg)
+    check_protection_ready(identity, federation, task["proxies"])
+    cache = _state_cache(context)
+    arrays = wire.record_weights(msg.content.array_records["global"])
+    outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
+    _save_state_cache(context, cache)
+    blobs = None
+    if outcome.status == wire.OK and outcome.vector is not None:
+        start = time.perf_counter()
+        blobs = protect(identity, federation, outcome.vector, task["proxies"], task["run_id"], task["task_id"],
+                        str(context.node_id))
+        outcome.metrics["protect_seconds"] = time.perf_counter() - start
+        outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
+    return _reply(msg, outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs)
 
 
 @app.evaluate()
+@guarded("client")
 def evaluate(msg: Message, context: Context) -> Message:
-    name = str(context.node_config.get("name", ""))
-    try:
-        from fedveil.clients.node import ClientIdentity, evaluate_task
+    from fedveil.clients.node import ClientIdentity, evaluate_task
 
-        identity = ClientIdentity.from_node_config(dict(context.node_config))
-        metrics = evaluate_task(identity, _federation(msg), wire.record_weights(msg.content.array_records["global"]))
-        return Message(wire.reply_content(wire.OK, {"org": identity.org}, metrics=metrics), reply_to=msg)
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, "client", name, exc)
+    identity = ClientIdentity.from_node_config(dict(context.node_config))
+    metrics = evaluate_task(identity, _federation(msg), wire.record_weights(msg.content.array_records["global"]))
+    return _reply(msg, wire.OK, {"org": identity.org}, metrics=metrics)
 
 
 @app.query("validate")
+@guarded("proxy")
 def validate(msg: Message, context: Context) -> Message:
     """Check payloads without opening them for good, so all proxies can agree on one client set."""
-    name = str(context.node_config.get("name", ""))
-    if _role(context) != "proxy":
-        return _error_reply(msg, _role(context), name, FedveilError("a client node was asked to validate"))
-    try:
-        from fedveil.aggregator.proxy import ProxyIdentity, validate as proxy_validate
+    from fedveil.aggregator.proxy import ProxyIdentity, validate as proxy_validate
 
-        identity = ProxyIdentity.from_node_config(dict(context.node_config))
-        task = _task(msg)
-        payloads = wire.record_blobs(msg.content.array_records["payloads"])
-        rejected = proxy_validate(identity, payloads, run_id=task["run_id"], task_id=task["task_id"],
-                                  mode=task["mode"], length=int(task["length"]), options=task.get("options", {}),
-                                  task_ids=task.get("task_ids"))
-        return Message(wire.reply_content(wire.OK, {"role": "proxy", "name": name, "rejected": rejected}),
-                       reply_to=msg)
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, "proxy", name, exc)
+    task = _task(msg)
+    rejected = proxy_validate(ProxyIdentity.from_node_config(dict(context.node_config)),
+                              wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
+                              task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
+                              options=task.get("options", {}))
+    return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected})
 
 
 @app.query("aggregate")
+@guarded("proxy")
 def aggregate(msg: Message, context: Context) -> Message:
-    name = str(context.node_config.get("name", ""))
-    if _role(context) != "proxy":
-        return _error_reply(msg, _role(context), name, FedveilError("a client node was asked to aggregate"))
-    try:
-        from fedveil.aggregator.proxy import ProxyIdentity, aggregate as proxy_aggregate
-        from fedveil.secure.modes import AggregationRefused
+    from fedveil.aggregator.proxy import ProxyIdentity, aggregate as proxy_aggregate
+    from fedveil.secure.modes import AggregationRefused
 
-        identity = ProxyIdentity.from_node_config(dict(context.node_config))
-        task = _task(msg)
-        payloads = wire.record_blobs(msg.content.array_records["payloads"])
-        start = time.perf_counter()
-        try:
-            result = proxy_aggregate(
-                identity, payloads, run_id=task["run_id"], task_id=task["task_id"], mode=task["mode"],
-                length=int(task["length"]), min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"),
-                options=task.get("options", {}), task_ids=task.get("task_ids"),
-            )
-        except AggregationRefused as exc:
-            return Message(wire.reply_content(wire.REFUSED, {"role": "proxy", "name": name, "message": str(exc)}),
-                           reply_to=msg)
-        info = {"role": "proxy", "name": name, "included": result.included, "rejected": result.rejected}
-        metrics = {"combine_seconds": time.perf_counter() - start}
-        return Message(wire.reply_content(wire.OK, info, metrics=metrics, blobs={"partial": result.partial}),
-                       reply_to=msg)
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, "proxy", name, exc)
+    task = _task(msg)
+    start = time.perf_counter()
+    try:
+        result = proxy_aggregate(
+            ProxyIdentity.from_node_config(dict(context.node_config)),
+            wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
+            task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
+            min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"), options=task.get("options", {}),
+        )
+    except AggregationRefused as exc:
+        return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})
+    info = {"role": "proxy", "name": _name(context), "included": result.included, "rejected": result.rejected}
+    return _reply(msg, wire.OK, info, metrics={"combine_seconds": time.perf_counter() - start},
+                  blobs={"partial": result.partial})
