@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/fedveil demo $(ARGS)
 
 test: $(VENV)/.installed
-	bash scripts/install_browser.sh
+	PYTHON=$(PY) bash scripts/install_browser.sh
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(VENV)/.installed
