@@ -93,6 +93,7 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 @guarded("client")
 def train(msg: Message, context: Context) -> Message:
+    from fedveil.clients import knobs as knobs_mod
     from fedveil.clients.node import ClientIdentity, check_protection_ready, protect, train_task
 
     identity = ClientIdentity.from_node_config(dict(context.node_config))
@@ -101,6 +102,12 @@ def train(msg: Message, context: Context) -> Message:
     check_protection_ready(identity, federation, task["proxies"])
     cache = _state_cache(context)
     arrays = wire.record_weights(msg.content.array_records["global"])
+    knobs = _experiment_knobs(identity, federation)
+    if knobs is not None and knobs_mod.drops_out(knobs):
+        knobs_mod.slow_down(knobs, 0.0)
+        return _reply(msg, wire.DROPPED, {"org": identity.org, "message": f"{identity.org} abandoned the task "
+                                          "(experiment knob orgs.dropout)"})
+    busy = time.perf_counter()
     outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
     _save_state_cache(context, cache)
     blobs = None
@@ -110,7 +117,19 @@ def train(msg: Message, context: Context) -> Message:
                         str(context.node_id))
         outcome.metrics["protect_seconds"] = time.perf_counter() - start
         outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
+    if knobs is not None:
+        outcome.metrics["injected_seconds"] = knobs_mod.slow_down(knobs, time.perf_counter() - busy)
     return _reply(msg, outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs)
+
+
+def _experiment_knobs(identity, federation):
+    """EXPERIMENT KNOBS (speed_factor, latency, dropout) for this org, from its own config file, else the run's."""
+    from fedveil.clients import knobs as knobs_mod
+    from fedveil.clients.node import local_config
+
+    cfg = local_config(identity, federation) if identity.local_config else federation
+    knobs = knobs_mod.knobs_for(cfg, identity.org)
+    return knobs if knobs.active else None
 
 
 @app.evaluate()
@@ -133,7 +152,7 @@ def validate(msg: Message, context: Context) -> Message:
     rejected = proxy_validate(ProxyIdentity.from_node_config(dict(context.node_config)),
                               wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
                               task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
-                              options=task.get("options", {}))
+                              options=task.get("options", {}), task_ids=task.get("task_ids"))
     return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected})
 
 
@@ -151,6 +170,7 @@ def aggregate(msg: Message, context: Context) -> Message:
             wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
             task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
             min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"), options=task.get("options", {}),
+            task_ids=task.get("task_ids"),
         )
     except AggregationRefused as exc:
         return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})

@@ -410,6 +410,7 @@ class CKKSMode:
         if len(included) < max(min_aggregate, 1):
             raise AggregationRefused(
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
+                + (f" (rejected: {rejected})" if rejected else "")
             )
         ws = {cid: (1.0 if weights is None else float(weights.get(cid, 1.0))) for cid in included}
         same = len(set(ws.values())) == 1

@@ -189,6 +189,7 @@ class PlaintextMode:
         if len(included) < min_aggregate:
             raise AggregationRefused(
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
+                + (f" (rejected: {rejected})" if rejected else "")
             )
         return CombineResult(total.tobytes(), included, rejected)
 

@@ -206,6 +206,7 @@ class SecretSharingMode:
         if len(included) < max(min_aggregate, 1):
             raise AggregationRefused(
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
+                + (f" (rejected: {rejected})" if rejected else "")
             )
         if self.clip is not None:
             fixedpoint.check_overflow(self.clip, self.frac_bits, len(included), max_factor / 2**q, q)
