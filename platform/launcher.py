@@ -26,6 +26,9 @@ from fedveil.platform.errors import FedveilError
 def flower_env(workdir: Path) -> dict[str, str]:
     """Environment for Flower processes: state in the work dir, no phoning home."""
     env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, flwr-clientapp...) by name, so the
+    # interpreter's own bin dir must be on PATH even when its environment is not activated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str((workdir / "flwr-home").resolve()),
         FLWR_TELEMETRY_ENABLED="0",
