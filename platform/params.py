@@ -28,7 +28,3 @@ def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray
         out.append(vector[offset : offset + size].reshape(a.shape).astype(a.dtype, copy=False))
         offset += size
     return out
-
-
-def num_values(arrays: Sequence[np.ndarray]) -> int:
-    return int(sum(int(np.prod(a.shape)) for a in arrays))

@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -222,8 +221,3 @@ def add_keys_parser(sub) -> None:
     init.add_argument("--no-ckks", action="store_true", help="skip the CKKS context (secret-sharing only)")
     init.add_argument("--force", action="store_true", help="replace existing keys in --out")
     init.set_defaults(func=_cmd_init)
-
-
-def copy_bundle(src: Path, dst: Path) -> None:
-    """Hand a bundle to its operator (used by the demo to place bundles in node work dirs)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)
