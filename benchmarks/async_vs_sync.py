@@ -1,0 +1,180 @@
+"""Async (FedBuff) vs semi-sync vs sync on the same federation: time to accuracy, accuracy at a fixed time.
+
+    python benchmarks/async_vs_sync.py            # ~3-4 min on 2 cores; writes benchmarks/async_vs_sync.json
+
+8 organizations on `digits` (Dirichlet alpha=0.5 label skew), 2 of them 5x slower. Everything runs
+on the in-process grid (the real ClientApp, proxies and engine, in threads); heterogeneity is an
+INJECTED LATENCY per train task (fast: FAST_S seconds, slow: 5 x FAST_S), not real hardware. The
+secure mode is `none` and DP is off, so the comparison measures only the round protocol (the secure
+modes aggregate the same numbers, see tests/test_async.py). Every model version is timestamped as it
+is produced and evaluated afterwards, centrally, on the union of all organizations' validation
+splits (so evaluation costs no federation time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedveil.aggregator.engine import Federation  # noqa: E402
+from fedveil.platform import config as config_mod  # noqa: E402
+from fedveil.platform.federation import demo_orgs  # noqa: E402
+from fedveil.platform.localgrid import grid_for_config  # noqa: E402
+from fedveil.platform.store import MetricsStore  # noqa: E402
+
+FAST_S = 0.4  # injected seconds per train task for a fast organization
+SLOW = ("lab-g", "clinic-h")  # 5x slower
+WALL_S = 45.0  # each mode runs about this long
+
+
+def base_config(mode: str, rounds: int) -> config_mod.FedveilConfig:
+    values = {
+        "federation.name": f"bench-{mode}", "federation.mode": mode, "federation.rounds": rounds,
+        "federation.min_aggregate": 2, "federation.min_clients": 2, "federation.round_timeout": 60.0,
+        "federation.secure": "none", "federation.seed": 0,
+        "data.source": "digits", "data.partition": "dirichlet", "data.alpha": 0.5,
+        "training.epochs": 1, "training.batch_size": 32, "training.lr": 0.1, "privacy.enabled": False,
+        "async.buffer_size": 6, "async.concurrency": 0, "async.staleness": "polynomial",
+        "async.staleness_exponent": 0.5, "async.max_staleness": 16, "async.server_lr": 1.0,
+        "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(8)],
+    }
+    if mode == "semi-sync":
+        # deadline a little past the fast clients' time; late (slow) replies carry into the next round
+        values.update({"federation.round_timeout": 3 * FAST_S + 0.6, "federation.late_replies": "carry"})
+    return config_mod.with_overrides(config_mod.FedveilConfig(), values)
+
+
+def delays() -> dict:
+    def make(seconds):
+        return lambda msg: seconds if msg.metadata.message_type == "train" else 0.0
+
+    names = [o.name for o in demo_orgs(8)]
+    return {n: make(5 * FAST_S if n in SLOW else FAST_S) for n in names}
+
+
+def run_mode(mode: str, rounds: int, workdir: Path) -> dict:
+    cfg = base_config(mode, rounds)
+    store = MetricsStore(f"sqlite:///{workdir / 'fedveil.db'}")
+    grid = grid_for_config(cfg, workdir, delays=delays())
+    grid._pool = ThreadPoolExecutor(max_workers=16)  # 8 clients + proxies never wait for a worker thread
+    fed = Federation(grid, cfg, store, f"bench-{mode}", workdir=workdir, handshake_timeout=60)
+    timeline: list[tuple[float, np.ndarray]] = []
+    t0 = {"t": None}
+    init = fed.init_model
+
+    def timed_init():
+        out = init()
+        t0["t"] = time.monotonic()
+        timeline.append((0.0, fed.weights.copy()))
+        return out
+
+    step = fed.optimizer.step
+
+    def timed_step(weights, delta):
+        new = step(weights, delta)
+        timeline.append((time.monotonic() - t0["t"], new.copy()))
+        return new
+
+    fed.init_model = timed_init
+    fed.optimizer.step = timed_step
+    deadline_hit = {"stop": False}
+    try:
+        fed.run()
+    finally:
+        grid.shutdown()
+    stale = [c["staleness"] for c in store.client_rounds(f"bench-{mode}") if c["status"] == "ok"
+             and c["staleness"] is not None]
+    return {"cfg": cfg, "fed": fed, "timeline": timeline, "staleness": stale, "stopped": deadline_hit["stop"]}
+
+
+def evaluator(cfg):
+    """Central evaluation on the union of the 8 organizations' validation splits."""
+    from fedveil.clients.node import ClientIdentity, build_model, load_datasets, set_model_arrays
+    from fedveil.platform.params import unflatten
+
+    xs, ys = [], []
+    for i, org in enumerate(cfg.orgs):
+        _, val = load_datasets(ClientIdentity(org.name, Path("."), "", i, len(cfg.orgs), "", ""), cfg)
+        xs.append(np.asarray(val.X, dtype=np.float32))
+        ys.append(np.asarray(val.y))
+    x, y = torch.as_tensor(np.concatenate(xs)), np.concatenate(ys)
+    model = build_model(cfg, val.feature_shape, val.num_classes)
+    from fedveil.clients.node import model_arrays
+
+    like = model_arrays(model)
+
+    def accuracy(flat: np.ndarray) -> float:
+        set_model_arrays(model, unflatten(flat, like))
+        model.eval()
+        with torch.no_grad():
+            pred = model(x).argmax(dim=1).numpy()
+        return float((pred == y).mean())
+
+    return accuracy
+
+
+def summarize(name: str, timeline, accuracy, target: float, at: float) -> dict:
+    curve = [(t, accuracy(w)) for t, w in timeline]
+    reach = next((t for t, a in curve if a >= target), None)
+    at_time = max((a for t, a in curve if t <= at), default=curve[0][1])
+    return {"mode": name, "versions": len(curve) - 1, "wall_s": round(curve[-1][0], 2),
+            "time_to_target_s": None if reach is None else round(reach, 2), "acc_at_fixed_time": round(at_time, 4),
+            "final_acc": round(curve[-1][1], 4), "best_acc": round(max(a for _, a in curve), 4),
+            "curve": [(round(t, 2), round(a, 4)) for t, a in curve]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=float, default=0.90, help="target accuracy")
+    parser.add_argument("--at", type=float, default=20.0, help="fixed wall time (s) for accuracy-at-time")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    # rounds chosen so each mode runs about WALL_S: a sync round waits for the slow clients (5 x FAST_S),
+    # a semi-sync round for its deadline, an async aggregate for K = 6 of the fast clients' updates.
+    plan = {"sync": int(WALL_S / (5 * FAST_S + 0.5)), "semi-sync": int(WALL_S / (3 * FAST_S + 0.9)),
+            "async": int(WALL_S / (FAST_S * 0.9))}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fedveil-bench-") as tmp:
+        for mode, rounds in plan.items():
+            started = time.monotonic()
+            out = run_mode(mode, rounds, Path(tmp) / mode)
+            acc = evaluator(out["cfg"])
+            results[mode] = summarize(mode, out["timeline"], acc, args.target, args.at)
+            results[mode]["rounds"] = rounds
+            if out["staleness"]:
+                results[mode]["staleness_median"] = float(np.median(out["staleness"]))
+                results[mode]["staleness_max"] = int(max(out["staleness"]))
+            print(f"{mode:>9}: {rounds} rounds/aggregates in {time.monotonic() - started:.0f}s, "
+                  f"time to {args.target:.0%}: {results[mode]['time_to_target_s']}s, "
+                  f"acc at {args.at:.0f}s: {results[mode]['acc_at_fixed_time']:.3f}, "
+                  f"final {results[mode]['final_acc']:.3f}", flush=True)
+    sync = results["sync"]
+    print(f"\n| mode | versions | time to {args.target:.0%} (s) | vs sync | accuracy at {args.at:.0f} s | vs sync |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        tt = r["time_to_target_s"]
+        ratio_t = "n/a" if tt is None or sync["time_to_target_s"] is None else f"{tt / sync['time_to_target_s']:.2f}x"
+        ratio_a = f"{r['acc_at_fixed_time'] / sync['acc_at_fixed_time']:.2f}x"
+        print(f"| {mode} | {r['versions']} | {tt if tt is not None else 'not reached'} | {ratio_t} | "
+              f"{r['acc_at_fixed_time']:.3f} | {ratio_a} |")
+    Path(args.out).write_text(json.dumps({"target": args.target, "at": args.at, "fast_s": FAST_S,
+                                          "slow": list(SLOW), "results": results}, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
