@@ -106,12 +106,16 @@ class _Rounds:
         ids = [str(n.node_id) for n in clients]
         self.assignment = fed.mode.assign(ids, proxies, max(len(ids), self.cfg.federation.min_aggregate))
 
+    def task_ttl(self) -> float:
+        """How long the SuperLink keeps a train task and its reply (a reply after that is lost)."""
+        return self.cfg.federation.round_timeout
+
     # ---- bookkeeping ----------------------------------------------------------------------
     def _train_message(self, node: "Node", task_id: str, arrays: list[np.ndarray], extra: dict[str, Any]) -> Message:
         content = self.fed._task_content({"run_id": self.fed.run_id, "task_id": task_id,
                                           "proxies": self.assignment[str(node.node_id)], **extra}, arrays)
         msg = Message(content, node.node_id, wire.TRAIN, group_id=str(extra.get("round", extra.get("version", ""))))
-        msg.metadata.ttl = max(self.cfg.federation.round_timeout, 1.0)
+        msg.metadata.ttl = max(self.task_ttl(), 1.0)
         return msg
 
     def _push(self, tasks: list[tuple["Node", str, dict[str, Any]]], arrays: list[np.ndarray], rnd: int = 0) -> list[str]:
@@ -366,6 +370,10 @@ class SemiSyncRounds(_Rounds):
     its task (it is not sent another) and its update, when it comes, is aggregated in the round in
     progress with the staleness weight alpha(v - v_base), up to `async.max_staleness` versions.
     """
+
+    def task_ttl(self) -> float:
+        # a late reply must outlive its round's deadline to be carried: keep it as long as it is usable
+        return self.cfg.federation.round_timeout * (self.acfg.max_staleness + 1)
 
     def run(self, first: int) -> int:
         self.version = first - 1
