@@ -66,7 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         started = time.monotonic()
 
         def on_round(row: dict) -> None:
-            _say(f"  round {row['round']:>3}/{cfg.federation.rounds}: {row['participants']} participant(s), "
+            unit = "version" if cfg.federation.mode == "async" else "round"
+            _say(f"  {unit} {row['round']:>3}/{cfg.federation.rounds}: {row['participants']} participant(s), "
                  f"{row['seconds']:.1f}s (elapsed {time.monotonic() - started:.0f}s)")
 
         run = fed.wait(run_name, timeout=args.timeout, on_round=on_round)
