@@ -85,6 +85,7 @@ CSS = """
   div[data-testid="stMetric"] {background: rgba(76,120,168,0.06); border: 1px solid rgba(76,120,168,0.18);
       border-radius: 10px; padding: 10px 14px;}
   div[data-testid="stMetricLabel"] p {font-size: 0.85rem; color: #5b6770;}
+  div[data-testid="stMetricValue"] {font-size: clamp(1rem, 1.6vw, 1.6rem);}
   h1 {font-size: 1.9rem !important; padding-top: 0 !important;}
 </style>
 """
@@ -120,7 +121,7 @@ def _gate(password: str | None) -> None:
 def _overview(run: dict[str, Any], runs: list[dict[str, Any]], rounds: list, clients: list, colors: dict) -> None:
     s = v.run_summary(run, rounds, clients)
     unit = "Model versions" if s.is_async else "Rounds"
-    c = st.columns(6)
+    c = st.columns([1.2, 0.8, 1.5, 0.9, 1.0, 1.1])  # room for "completed" and "secret-sharing"
     c[0].metric("Status", s.status)
     c[1].metric("Mode", s.mode)
     c[2].metric("Secure mode", s.secure)
