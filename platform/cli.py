@@ -71,6 +71,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  f"{row['seconds']:.1f}s (elapsed {time.monotonic() - started:.0f}s)")
 
         run = fed.wait(run_name, timeout=args.timeout, on_round=on_round)
+    except BaseException as exc:
+        fed.stop()
+        _close_unfinished_run(fed.store_url, run_name, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed",
+                              "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc))
+        raise
     finally:
         fed.stop()
         if dashboard is not None:
@@ -83,6 +88,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0 if run["status"] == "completed" else 1
+
+
+def _close_unfinished_run(url: str, run_name: str, status: str, message: str) -> None:
+    """The ServerApp died with its processes: record how the run ended so the store never shows it running."""
+    from fedveil.platform.store import MetricsStore
+
+    store = MetricsStore(url)
+    try:
+        run = store.get_run(run_name)
+        if run is not None and run["status"] == "running":
+            store.finish_run(run_name, status, message)
+    finally:
+        store.close()
 
 
 def _demo_keys(args: argparse.Namespace, cfg):

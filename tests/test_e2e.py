@@ -69,3 +69,34 @@ def test_supernode_with_unregistered_key_is_refused_with_a_clear_message(tmp_pat
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert "not registered" in done.stderr and "fix:" in done.stderr
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path):
+    import signal
+    import time
+
+    workdir = tmp_path / "demo"
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(FEDVEIL + ["demo", "--rounds", "50", "--no-dashboard", "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "round   1/50" in line or time.monotonic() > deadline:
+                break
+        running = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True).stdout.split()
+        assert len(running) >= 6, "SuperLink, 2 proxies and 3 clients should be running mid-run"
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=90)
+        stderr = proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", f"processes left running: {leftover.stdout}"
+    (run,) = json.loads(fedveil("export", "--workdir", str(workdir)).stdout)["runs"]
+    assert run["status"] == "stopped"
