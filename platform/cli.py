@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedveil.platform.errors import FedveilError
 
@@ -266,7 +266,7 @@ def _tls_files(keys: str):
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from fedveil.platform import config as config_mod, launcher
+    from fedveil.platform import config as config_mod
 
     cfg = config_mod.load(args.config)
     if args.name not in cfg.proxies.names:
