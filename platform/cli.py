@@ -224,7 +224,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                                   None if tls is None else tls.ca_cert)
         _say(f"SuperLink listening on {host}:{port}; logs in {workdir / 'logs'}")
         if args.keys:
-            registered = sorted((Path(args.keys) / "server" / "supernodes").glob("*.pub"))
+            registered = sorted((Path(args.keys).resolve() / "server" / "supernodes").glob("*.pub"))
             for pub in registered:
                 launcher.register_supernode(pub, "fedveil", env)
             _say(f"registered {len(registered)} SuperNode keys: {', '.join(p.stem for p in registered)}")
@@ -261,7 +261,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 def _tls_files(keys: str):
     from fedveil.platform.launcher import TlsFiles
 
-    root = Path(keys) / "server"
+    root = Path(keys).resolve() / "server"
     return TlsFiles(ca_cert=root / "ca.pem", server_cert=root / "superlink.pem", server_key=root / "superlink.key")
 
 
@@ -300,8 +300,8 @@ def _start_supernode(args: argparse.Namespace, cfg, workdir: Path, node_config: 
     workdir.mkdir(parents=True, exist_ok=True)
     ca = auth = None
     if args.keys:
-        bundle = Path(args.keys)
-        node_config["keys"] = str(bundle.resolve())
+        bundle = Path(args.keys).resolve()
+        node_config["keys"] = str(bundle)
         ca, auth = bundle / "ca.pem", bundle / "supernode.key"
     superlink = args.superlink or cfg.server.superlink
     argv = launcher.supernode_argv(superlink, args.port or launcher.free_port(), node_config, ca_cert=ca, auth_key=auth)
@@ -435,9 +435,15 @@ def _add_keys_parser(sub) -> None:
     add_keys_parser(sub)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. from a service manager) stops cleanly, like Ctrl-C: every started process is stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return int(args.func(args) or 0)
     except FedveilError as exc:

@@ -108,3 +108,13 @@ def test_platform_folder_does_not_shadow_the_standard_library():
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().count(".") == 2
+
+
+def test_relative_key_paths_survive_the_superlink_running_in_its_work_dir(tmp_path, monkeypatch):
+    """`fedveil server --keys keys` starts the SuperLink with cwd = its work dir: paths must be absolute."""
+    from fedveil.platform.cli import _tls_files
+
+    monkeypatch.chdir(tmp_path)
+    tls = _tls_files("keys")
+    for path in (tls.ca_cert, tls.server_cert, tls.server_key):
+        assert path.is_absolute() and str(path).startswith(str(tmp_path))
