@@ -48,6 +48,7 @@ from fedveil.secure.modes import (
     ReplayGuard,
     ServerKeyring,
     balanced_groups,
+    public_weights,
     client_binding,
     register_mode,
 )
@@ -385,13 +386,8 @@ class CKKSMode:
             raise SecurityError(f"proxy {keys.proxy_id!r} holds no CKKS public context.", KEYS_FIX)
         rt = _runtime(keys.ckks_public_context)
         opened: dict[str, list] = {}
-        rejected: dict[str, str] = {}
-        for cid in sorted(payloads):
-            if weights is not None:
-                w = float(weights.get(cid, 1.0))
-                if not (math.isfinite(w) and w >= 0):
-                    rejected[cid] = f"invalid weight {w}"
-                    continue
+        factors, rejected = public_weights(weights, sorted(payloads))
+        for cid in factors:
             try:
                 opened[cid] = self._open(rt, payloads[cid], client_binding(binding, cid, keys.proxy_id, task_ids), keys,
                                          replay_guard)
@@ -412,7 +408,7 @@ class CKKSMode:
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
                 + (f" (rejected: {rejected})" if rejected else "")
             )
-        ws = {cid: (1.0 if weights is None else float(weights.get(cid, 1.0))) for cid in included}
+        ws = {cid: factors[cid] for cid in included}
         same = len(set(ws.values())) == 1
         total = None
         for cid in included:

@@ -15,6 +15,7 @@ says which weight a mode really applies (fixed-point grids), so the server norma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -139,6 +140,23 @@ def balanced_groups(client_ids: Sequence[str], proxy_ids: Sequence[str], min_agg
     return {cid: [proxies[i % used]] for i, cid in enumerate(clients)}
 
 
+def public_weights(weights: Mapping[str, float] | None, client_ids: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Each client's public factor (1.0 without weights), and the clients whose factor is unusable.
+
+    Every mode applies the same rule, so a negative or non-finite staleness weight is rejected the
+    same way whether the proxy sums floats, shares or ciphertexts.
+    """
+    factors: dict[str, float] = {}
+    invalid: dict[str, str] = {}
+    for cid in client_ids:
+        w = 1.0 if weights is None else float(weights.get(cid, 1.0))
+        if math.isfinite(w) and w >= 0:
+            factors[cid] = w
+        else:
+            invalid[cid] = f"invalid weight {w}"
+    return factors, invalid
+
+
 def _check_vector(vector: np.ndarray) -> np.ndarray:
     arr = np.asarray(vector, dtype=np.float64).ravel()
     if not np.all(np.isfinite(arr)):
@@ -174,8 +192,8 @@ class PlaintextMode:
     ) -> CombineResult:
         total = np.zeros(binding.length, dtype=np.float64)
         included: list[str] = []
-        rejected: dict[str, str] = {}
-        for cid in sorted(payloads):
+        factors, rejected = public_weights(weights, sorted(payloads))
+        for cid, factor in factors.items():
             blob = payloads[cid]
             if len(blob) != binding.length * 8:
                 rejected[cid] = f"wrong length: {len(blob) // 8} values, expected {binding.length}"
@@ -184,7 +202,7 @@ class PlaintextMode:
             if not np.all(np.isfinite(vec)):
                 rejected[cid] = "non-finite values in update"
                 continue
-            total += vec * (1.0 if weights is None else float(weights.get(cid, 1.0)))
+            total += vec * factor
             included.append(cid)
         if len(included) < min_aggregate:
             raise AggregationRefused(

@@ -26,7 +26,6 @@ Server (`finish`):
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 from dataclasses import replace
@@ -47,6 +46,7 @@ from fedveil.secure.modes import (
     ReplayGuard,
     ServerKeyring,
     client_binding,
+    public_weights,
     register_mode,
 )
 
@@ -178,16 +178,10 @@ class SecretSharingMode:
         q = self.weight_bits if weights is not None else 0
         total = np.zeros(binding.length, dtype=np.uint64)
         included: list[str] = []
-        rejected: dict[str, str] = {}
         max_factor = 0
-        for cid in sorted(payloads):
-            factor = 1
-            if weights is not None:
-                w = float(weights.get(cid, 1.0))
-                if not (math.isfinite(w) and w >= 0):
-                    rejected[cid] = f"invalid weight {w}"
-                    continue
-                factor = int(round(w * 2**q))
+        weights_of, rejected = public_weights(weights, sorted(payloads))
+        for cid, w in weights_of.items():
+            factor = int(round(w * 2**q))  # q = 0 without weights: factor 1
             try:
                 share = self._open_share(payloads[cid], client_binding(binding, cid, keys.proxy_id, task_ids), keys,
                                          replay_guard)
