@@ -30,6 +30,25 @@ def make_local_federation(tmp_path: Path, cfg, *, delays: dict | None = None, de
     return grid_for_config(cfg, tmp_path, delays=delays, dead=dead, keys_dir=keys_dir)
 
 
+def run_federation(path: Path, cfg, run_id: str = "r1", *, resume: bool = False, keys_dir: Path | None = None,
+                   **grid_options):
+    """Run `cfg` to completion on the in-process grid; returns (federation, store, grid)."""
+    from fedveil.aggregator.engine import Federation
+    from fedveil.platform.provision import load_server_keyring_dir
+    from fedveil.platform.store import MetricsStore
+
+    store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
+    grid = make_local_federation(path, cfg, keys_dir=keys_dir, **grid_options)
+    server_keys = None if keys_dir is None else load_server_keyring_dir(keys_dir / "server")
+    fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=30, resume=resume,
+                     server_keys=server_keys)
+    try:
+        fed.run()
+    finally:
+        grid.shutdown()
+    return fed, store, grid
+
+
 @pytest.fixture
 def local_federation():
     return make_local_federation

@@ -6,30 +6,17 @@ import numpy as np
 import pytest
 
 from fedveil.aggregator import checkpoint
-from fedveil.aggregator.engine import Federation
 from fedveil.aggregator.optimizers import ServerOptimizer
 from fedveil.aggregator.proxy import ProxyIdentity, aggregate
-from fedveil.platform.store import MetricsStore
 from fedveil.secure.modes import AggregationRefused
-from tests.conftest import make_local_federation
+from tests.conftest import run_federation
 from tests.test_sync_rounds import small_config
-
-
-def run_once(path, cfg, run_id, resume=False):
-    store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
-    grid = make_local_federation(path, cfg)
-    fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=20, resume=resume)
-    try:
-        fed.run()
-    finally:
-        grid.shutdown()
-    return fed, store
 
 
 def test_budget_smaller_than_one_round_declines_and_federation_goes_on(tmp_path):
     orgs = [{"name": "hospital-a"}, {"name": "hospital-b"}, {"name": "hospital-c", "budget": 0.05}]
     cfg = small_config(orgs=orgs)
-    _, store = run_once(tmp_path, cfg, "r1")
+    _, store, _ = run_federation(tmp_path, cfg, "r1")
     rows = store.client_rounds("r1")
     c_rows = [r for r in rows if r["org"] == "hospital-c"]
     assert [r["status"] for r in c_rows] == ["budget_exhausted", "budget_exhausted"]
@@ -42,9 +29,9 @@ def test_budget_smaller_than_one_round_declines_and_federation_goes_on(tmp_path)
 
 def test_ledger_epsilon_grows_across_runs_on_the_same_workdir(tmp_path):
     cfg = small_config(**{"federation.rounds": 1})
-    _, store = run_once(tmp_path, cfg, "first")
+    _, store, _ = run_federation(tmp_path, cfg, "first")
     first = {c["org"]: c["epsilon"] for c in store.latest_client_status("first")}
-    _, store = run_once(tmp_path, cfg, "second")
+    _, store, _ = run_federation(tmp_path, cfg, "second")
     second = {c["org"]: c["epsilon"] for c in store.latest_client_status("second")}
     assert set(first) == set(second) == {"hospital-a", "hospital-b", "hospital-c"}
     for org in first:
@@ -65,7 +52,7 @@ def test_nan_update_is_rejected_and_the_round_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(node, "train_task", poisoned)
     cfg = small_config(**{"federation.rounds": 1})
-    fed, store = run_once(tmp_path, cfg, "r1")
+    fed, store, _ = run_federation(tmp_path, cfg, "r1")
     (row,) = store.rounds("r1")
     assert row["participants"] == 2
     assert np.all(np.isfinite(fed.weights))
@@ -94,12 +81,12 @@ def test_a_server_cannot_lower_the_proxy_floor(tmp_path):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     cfg = small_config(**{"federation.rounds": 1, "federation.name": "fed"})
-    fed1, _ = run_once(tmp_path, cfg, "r1")
+    fed1, _, _ = run_federation(tmp_path, cfg, "r1")
     saved = checkpoint.load(tmp_path / "checkpoints" / "fed")
     assert saved is not None and saved.round == 1
     np.testing.assert_array_equal(saved.weights, fed1.weights)
     cfg2 = small_config(**{"federation.rounds": 2, "federation.name": "fed"})
-    fed2, store = run_once(tmp_path, cfg2, "r2", resume=True)
+    fed2, store, _ = run_federation(tmp_path, cfg2, "r2", resume=True)
     assert [r["round"] for r in store.rounds("r2")] == [2]
     assert any("resumed from checkpoint after round 1" in e["message"] for e in store.events("r2"))
 

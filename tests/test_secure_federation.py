@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedveil.aggregator.engine import Federation
 from fedveil.platform.provision import init_federation_keys
-from fedveil.platform.store import MetricsStore
-from tests.conftest import make_local_federation
+from tests.conftest import run_federation
 from tests.test_sync_rounds import small_config
 
 
@@ -24,21 +22,11 @@ def keys(tmp_path_factory):
 
 
 def run_mode(path, keys_dir, secure: str, run_id: str = "same", **overrides):
-    from fedveil.platform.provision import load_server_keyring_dir
-
     values = {"federation.rounds": 1, "federation.secure": secure, "federation.min_aggregate": 2,
               "orgs": [{"name": n} for n in ("hospital-a", "hospital-b", "hospital-c", "hospital-d")]}
     values.update(overrides)
     cfg = small_config(**values)
-    store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
-    grid = make_local_federation(path, cfg, keys_dir=keys_dir)
-    fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=30,
-                     server_keys=None if keys_dir is None else load_server_keyring_dir(keys_dir / "server"))
-    try:
-        fed.run()
-    finally:
-        grid.shutdown()
-    return fed, store, grid
+    return run_federation(path, cfg, run_id, keys_dir=keys_dir)
 
 
 def test_secure_modes_give_the_same_model_as_plaintext(tmp_path, keys):

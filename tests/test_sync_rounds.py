@@ -9,6 +9,7 @@ from fedveil.aggregator.engine import Federation
 from fedveil.platform import config as config_mod
 from fedveil.platform.federation import demo_orgs
 from fedveil.platform.store import MetricsStore
+from tests.conftest import run_federation
 
 
 def small_config(**overrides):
@@ -23,22 +24,9 @@ def small_config(**overrides):
     return config_mod.with_overrides(base, values)
 
 
-def run(tmp_path, cfg, run_id="r1", **kw):
-    store = MetricsStore(f"sqlite:///{tmp_path / 'fedveil.db'}")
-    from tests.conftest import make_local_federation
-
-    grid = make_local_federation(tmp_path, cfg, **kw)
-    fed = Federation(grid, cfg, store, run_id, workdir=tmp_path, handshake_timeout=20)
-    try:
-        fed.run()
-    finally:
-        grid.shutdown()
-    return fed, store
-
-
 def test_sync_rounds_train_record_and_charge_every_org(tmp_path):
     cfg = small_config()
-    fed, store = run(tmp_path, cfg)
+    fed, store, _ = run_federation(tmp_path, cfg)
     rounds = store.rounds("r1")
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["participants"] == 3 for r in rounds)
