@@ -208,6 +208,7 @@ def _split_address(address: str) -> tuple[str, int]:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from fedveil.platform import config as config_mod, launcher
+    from fedveil.platform.federation import follow_run
     from fedveil.platform.store import MetricsStore, store_url
 
     cfg = config_mod.load(args.config)
@@ -234,28 +235,25 @@ def cmd_server(args: argparse.Namespace) -> int:
                       "run-name": run_name, "resume": bool(args.resume)}
         if args.keys:
             run_config["keys"] = str(Path(args.keys).resolve() / "server")
-        launcher.submit_run(workdir, "fedveil", run_config, env)
+        flower_run_id = launcher.submit_run(workdir, "fedveil", run_config, env)
         _say(f"run {run_name} submitted; waiting for proxies and clients (Ctrl-C to stop)")
-        store = MetricsStore(url)
-        seen: set[int] = set()
+
+        def on_round(row: dict) -> None:
+            _say(f"  round {row['round']}/{cfg.federation.rounds}: {row['participants']} participant(s)")
+
         try:
-            while True:
-                run = store.get_run(run_name)
-                for row in store.rounds(run_name) if run else []:
-                    if row["round"] not in seen:
-                        seen.add(row["round"])
-                        _say(f"  round {row['round']}/{cfg.federation.rounds}: {row['participants']} participant(s)")
-                if run is not None and run["status"] != "running":
-                    _print_summary(store, run_name)
-                    return 0 if run["status"] == "completed" else 1
-                if link.poll() is not None:
-                    raise FedveilError("the SuperLink stopped unexpectedly", f"see {workdir / 'logs' / 'superlink.log'}")
-                time.sleep(2)
+            run = follow_run(url, run_name, flower_run_id=flower_run_id, connection="fedveil", env=env,
+                             workdir=workdir, superlink=link, on_round=on_round)
         except KeyboardInterrupt:
             _say("stopping")
+            _close_unfinished_run(url, run_name, "stopped", "interrupted by the user")
             return 130
+        store = MetricsStore(url)
+        try:
+            _print_summary(store, run_name)
         finally:
             store.close()
+        return 0 if run["status"] == "completed" else 1
 
 
 def _tls_files(keys: str):

@@ -6,6 +6,7 @@ with `flwr run`, follows progress through the metrics store, and always stops wh
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,43 @@ def write_config(cfg: FedveilConfig, path: Path) -> Path:
     return path
 
 
+def follow_run(store_url: str, run_name: str, *, flower_run_id: int, connection: str, env: dict[str, str],
+               workdir: Path, superlink: subprocess.Popen, timeout: float | None = None,
+               on_round: Callable[[dict], None] | None = None) -> dict:
+    """Follow a run through the store until it finishes; returns its row.
+
+    Fails clearly, instead of waiting forever, when the SuperLink stops or when Flower reports the
+    ServerApp finished without the run being closed in the store (it crashed).
+    """
+    logs = workdir / "logs" / "superlink.log"
+    store = MetricsStore(store_url)
+    seen_rounds: set[int] = set()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_flower_check = 0.0
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            run = store.get_run(run_name)
+            for row in store.rounds(run_name) if run else []:
+                if row["round"] not in seen_rounds:
+                    seen_rounds.add(row["round"])
+                    if on_round:
+                        on_round(row)
+            if run is not None and run["status"] != "running":
+                return run
+            if superlink.poll() is not None:
+                raise FedveilError("the SuperLink stopped unexpectedly", f"see {logs}")
+            if time.monotonic() - last_flower_check > 15:
+                last_flower_check = time.monotonic()
+                status = launcher.run_status(flower_run_id, connection, env, workdir / "flower-app")
+                if status.startswith("finished") and (store.get_run(run_name) or {}).get("status", "running") == "running":
+                    raise FedveilError(f"the ServerApp ended ({status}) without finishing the run", f"see {logs}")
+            time.sleep(1.0)
+        raise FedveilError(f"the run did not finish within {timeout:.0f}s",
+                           "raise --timeout, or lower --rounds / the data size")
+    finally:
+        store.close()
+
+
 @dataclass
 class LocalFederation:
     """A federation on loopback: one SuperLink, the configured proxies and one SuperNode per org."""
@@ -60,8 +98,8 @@ class LocalFederation:
             server = self.keys_dir / "server"
             tls = launcher.TlsFiles(server / "ca.pem", server / "superlink.pem", server / "superlink.key")
         argv = launcher.superlink_argv("127.0.0.1", port, self.workdir, tls, auth=tls is not None)
-        link = self.processes.start("superlink", argv, self.env)
-        launcher.wait_for_port("127.0.0.1", port, 60, link, "flower-superlink")
+        self.superlink = self.processes.start("superlink", argv, self.env)
+        launcher.wait_for_port("127.0.0.1", port, 60, self.superlink, "flower-superlink")
         launcher.write_connection(Path(self.env["FLWR_HOME"]), "fedveil-local", self.address,
                                   None if tls is None else tls.ca_cert)
         self.progress(f"SuperLink on {self.address}" + (" (TLS, SuperNode authentication)" if tls else " (insecure)"))
@@ -99,38 +137,9 @@ class LocalFederation:
 
     def wait(self, run_name: str, timeout: float, on_round: Callable[[dict], None] | None = None) -> dict:
         """Follow the run in the store until it finishes; fail clearly if the ServerApp dies."""
-        store = MetricsStore(self.store_url)
-        seen_rounds: set[int] = set()
-        deadline = time.monotonic() + timeout
-        last_flower_check = 0.0
-        try:
-            while time.monotonic() < deadline:
-                run = store.get_run(run_name)
-                if run is not None:
-                    for row in store.rounds(run_name):
-                        if row["round"] not in seen_rounds:
-                            seen_rounds.add(row["round"])
-                            if on_round:
-                                on_round(row)
-                    if run["status"] != "running":
-                        return run
-                if "superlink" not in self.processes.alive():
-                    raise FedveilError("the SuperLink stopped unexpectedly", f"see {self.workdir / 'logs'}")
-                if time.monotonic() - last_flower_check > 15:
-                    last_flower_check = time.monotonic()
-                    status = launcher.run_status(self.flower_run_id, "fedveil-local", self.env,
-                                                 self.workdir / "flower-app")
-                    if status.startswith("finished") and (store.get_run(run_name) or {}).get("status") == "running":
-                        raise FedveilError(f"the ServerApp ended ({status}) without finishing the run",
-                                           f"see {self.workdir / 'logs' / 'superlink.log'}")
-                    if status.startswith("finished:failed") and store.get_run(run_name) is None:
-                        raise FedveilError("the ServerApp failed before the run started",
-                                           f"see {self.workdir / 'logs' / 'superlink.log'}")
-                time.sleep(1.0)
-            raise FedveilError(f"the run did not finish within {timeout:.0f}s",
-                               "raise --timeout, or lower --rounds / the data size")
-        finally:
-            store.close()
+        return follow_run(self.store_url, run_name, flower_run_id=self.flower_run_id, connection="fedveil-local",
+                          env=self.env, workdir=self.workdir, superlink=self.superlink, timeout=timeout,
+                          on_round=on_round)
 
     def stop(self) -> None:
         self.processes.stop_all()
