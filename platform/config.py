@@ -130,6 +130,30 @@ class OrgSection(_Section):
                            "abandoned (no update, no privacy spent; the server sees a dropout)")
 
 
+class PolicySection(_Section):
+    """`[policy]`: what this organization accepts from the server, read from its OWN config only.
+
+    The server may deviate in anything it sends (DESIGN §2), so a client enforces this before it
+    trains, before any ε is spent: a task asking for less is declined with status `policy`. The
+    server's copy of this section is never used by a client (clients/node.py `local_config`).
+    """
+
+    allow_secure: list[Literal["none", "secret-sharing", "ckks"]] = Field(
+        default_factory=lambda: ["secret-sharing", "ckks"],
+        description="secure modes this organization releases an update under; 'none' sends it in the clear")
+    require_dp: bool = Field(True, description="decline tasks that train without DP-SGD")
+    max_delta: float = Field(1e-5, gt=0, lt=1, description="largest δ a task may ask for; ε is accounted at the "
+                             "task's δ when it is smaller (stricter)")
+    min_noise: float | None = Field(0.5, ge=0, description="smallest noise multiplier σ a task may train with")
+    max_epsilon: float | None = Field(None, gt=0, description="largest ε one run (one run id) may spend")
+    min_aggregate: int = Field(2, ge=1, description="smallest aggregate a task may announce")
+    budget: float | None = Field(None, gt=0, description="ε budget over all runs on this data; default: this "
+                                 "organization's orgs.budget or privacy.budget")
+    allow_models: list[str] = Field(default_factory=lambda: ["mlp", "cnn"], description="model kinds, or "
+                                    "'package.module:factory' names, this node may build; any other factory named "
+                                    "by the server is never imported")
+
+
 class FedveilConfig(_Section):
     federation: FederationSection = Field(default_factory=FederationSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -141,6 +165,7 @@ class FedveilConfig(_Section):
     proxies: ProxySection = Field(default_factory=ProxySection)
     async_: AsyncSection = Field(default_factory=AsyncSection, alias="async")
     orgs: list[OrgSection] = Field(default_factory=list)
+    policy: PolicySection = Field(default_factory=PolicySection)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
                               validate_by_alias=True, serialize_by_alias=True)

@@ -26,6 +26,7 @@ BUDGET_EXHAUSTED = "budget_exhausted"
 ERROR = "error"
 REFUSED = "refused"
 DROPPED = "dropped"  # EXPERIMENT KNOB `dropout`: the client abandoned the task (no update, no ε spent)
+POLICY = "policy"  # the task asks for less than the organization's own [policy]: declined before training, no ε spent
 
 
 def blobs_record(blobs: Mapping[str, bytes]) -> ArrayRecord:
@@ -45,6 +46,21 @@ def record_json(record: ConfigRecord | None) -> dict[str, Any]:
     if record is None or "json" not in record:
         return {}
     return json.loads(str(record["json"]))
+
+
+def safe_record_json(record: Any) -> dict[str, Any]:
+    """`record_json` for what a node sent: JSON that does not parse, or is not an object, reads as {}.
+
+    The strict reading, which names what is wrong, is `fedveil.aggregator.replies`; this one only
+    guarantees that no garbage reply can raise out of a caller that just wants what is usable.
+    """
+    if not isinstance(record, ConfigRecord) or not isinstance(record.get("json"), str):
+        return {}
+    try:
+        value = json.loads(record["json"])
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def weights_record(arrays: list[np.ndarray]) -> ArrayRecord:
@@ -67,14 +83,24 @@ def reply_content(status: str, info: Mapping[str, Any], *, metrics: Mapping[str,
 
 
 def reply_status(content: RecordDict) -> dict[str, Any]:
-    return record_json(content.config_records.get("status"))
+    """The status JSON of a reply; {} when it is missing, does not parse or is not an object."""
+    return safe_record_json(content.get("status") if isinstance(content, RecordDict) else None)
 
 
 def reply_metrics(content: RecordDict) -> dict[str, float]:
-    rec = content.metric_records.get("metrics")
-    return {} if rec is None else {k: float(v) for k, v in rec.items()}
+    """The scalar metrics of a reply; non-numeric values (lists, a record of another kind) are left out."""
+    rec = content.get("metrics") if isinstance(content, RecordDict) else None
+    if not isinstance(rec, MetricRecord):
+        return {}
+    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def reply_blobs(content: RecordDict) -> dict[str, bytes]:
-    rec = content.array_records.get("payloads")
-    return {} if rec is None else record_blobs(rec)
+    """The byte payloads of a reply; {} when the record is missing, of another kind, or unreadable."""
+    rec = content.get("payloads") if isinstance(content, RecordDict) else None
+    if not isinstance(rec, ArrayRecord):
+        return {}
+    try:
+        return record_blobs(rec)
+    except Exception:  # noqa: BLE001 - an Array whose bytes do not match its shape/dtype raises anything numpy raises
+        return {}
