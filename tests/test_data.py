@@ -14,7 +14,7 @@ from fedveil.platform.errors import DataError
 
 @pytest.mark.parametrize("name,n,d,k", [("breast_cancer", 569, 30, 2), ("digits", 1797, 64, 10), ("wine", 178, 13, 3)])
 def test_builtin_tabular(name, n, d, k):
-    ds = D.load_builtin(name)
+    ds = D.load_builtin(name, split="all")
     assert ds.X.shape == (n, d) and ds.X.dtype == np.float32
     assert ds.y.dtype == np.int64 and ds.num_classes == k
     assert set(np.unique(ds.y)) == set(range(k))
@@ -22,7 +22,7 @@ def test_builtin_tabular(name, n, d, k):
 
 
 def test_digits_image_scaled():
-    ds = D.load_builtin("digits", image=True)
+    ds = D.load_builtin("digits", image=True, split="all")
     assert ds.X.shape == (1797, 1, 8, 8) and ds.feature_shape == (1, 8, 8)
     assert ds.X.min() == 0.0 and ds.X.max() == 1.0  # /16
     assert ds.prescaled
@@ -31,7 +31,7 @@ def test_digits_image_scaled():
 def test_mnist_image_normalized():
     pytest.importorskip("mnist")
     ds = D.load_builtin("mnist", image=True)
-    assert ds.X.shape == (70000, 1, 28, 28) and ds.num_classes == 10
+    assert ds.X.shape == (60000, 1, 28, 28) and ds.num_classes == 10  # the official test set is held out
     assert abs(float(ds.X.mean())) < 0.05 and 0.9 < float(ds.X.std()) < 1.1
 
 
@@ -190,7 +190,7 @@ def test_partition_bad_params():
 # --------------------------------------------------------------------------- splits, scaling, client data
 
 def test_train_val_split_stratified_and_disjoint():
-    ds = D.load_builtin("breast_cancer")
+    ds = D.load_builtin("breast_cancer", split="all")
     tr, va = D.train_val_split(ds, 0.2, seed=0)
     assert len(tr) + len(va) == len(ds) and abs(len(va) - 114) <= 1
     frac = lambda d: d.y.mean()
@@ -212,7 +212,7 @@ def test_standardize_fits_on_train_only():
 
 def test_load_client_data_builtin_deterministic_and_disjoint():
     parts = [D.load_client_data("digits", i, 3, "dirichlet", 0.5, 0, 0.2, False) for i in range(3)]
-    assert sum(len(t) + len(v) for t, v in parts) == 1797
+    assert sum(len(t) + len(v) for t, v in parts) == 1797 - 360  # the public test split is held out
     again = D.load_client_data("digits", 1, 3, "dirichlet", 0.5, 0, 0.2, False)
     np.testing.assert_array_equal(again[0].X, parts[1][0].X)
     assert again[0].origin == parts[1][0].origin == parts[1][1].origin
@@ -250,7 +250,7 @@ def test_fingerprint_stable_order_independent_and_sensitive():
 
 
 def test_builtin_tabular_uses_public_global_scaling_by_default():
-    full, = D.standardize(D.load_builtin("breast_cancer"))
+    full, = D.standardize(D.load_builtin("breast_cancer", split="train"))
     tr, va = D.load_client_data("breast_cancer", 0, 3, "dirichlet", 0.5, 0, 0.2, False)
     # every client's rows are the globally standardized rows (same feature space across clients)
     rows = {r.tobytes() for r in full.X}
@@ -259,3 +259,51 @@ def test_builtin_tabular_uses_public_global_scaling_by_default():
     np.testing.assert_allclose(tr_c.X.mean(0), 0, atol=1e-5)
     with pytest.raises(DataError, match="builtin"):
         D.load_client_data("/nonexistent.csv", 0, 1, scaling="global")
+
+
+# --------------------------------------------------------------------------- public held-out split
+
+def _row_keys(ds: D.Dataset) -> set[bytes]:
+    return {r.tobytes() for r in np.ascontiguousarray(ds.X).reshape(len(ds), -1)}
+
+
+@pytest.mark.parametrize("name,image", [("mnist", True), ("digits", False), ("breast_cancer", False), ("wine", False)])
+def test_no_partition_of_a_builtin_holds_a_test_split_row(name, image):
+    if name == "mnist":
+        pytest.importorskip("mnist")
+    train = D.load_builtin_scaled(name, image=image, split="train")
+    test = D.load_builtin_scaled(name, image=image, split="test")
+    only_test = _row_keys(test) - _row_keys(train)  # rows that also occur in train (duplicates) cannot tell
+    assert len(only_test) > 0.9 * len(test)
+    held = set()
+    for i in range(5):
+        tr, va = D.load_client_data(name, i, 5, "dirichlet", 0.5, 0, 0.2, image)
+        held |= _row_keys(tr) | _row_keys(va)
+    assert not held & only_test
+    assert held <= _row_keys(train)
+
+
+def test_sklearn_test_split_is_fixed_stratified_and_disjoint():
+    y = D.load_builtin("wine", split="all").y
+    tr, te = D.sklearn_split_indices(y)
+    assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(y)
+    np.testing.assert_array_equal(te, D.sklearn_split_indices(y)[1])
+    share = np.bincount(y[te]) / np.bincount(y)
+    assert np.all(np.abs(share - D.SKLEARN_TEST_FRACTION) < 0.05)
+
+
+def test_heldout_sources(tmp_path):
+    te = D.load_heldout("builtin-test", "breast_cancer")
+    assert len(te) == 114
+    train = D.load_builtin("breast_cancer", split="train")
+    raw = D.load_builtin("breast_cancer", split="test")
+    mu, sd = train.X.mean(0), train.X.std(0)
+    np.testing.assert_allclose(te.X, (raw.X - mu) / sd, rtol=1e-4, atol=1e-4)  # scaled like the orgs' data
+    assert D.load_heldout("digits").X.shape == (360, 64)
+    df = _frame(30)
+    df.to_csv(tmp_path / "held.csv", index=False)
+    assert len(D.load_heldout(str(tmp_path / "held.csv"))) == 30
+    with pytest.raises(DataError, match="not a builtin"):
+        D.load_heldout("builtin-test", str(tmp_path / "held.csv"))
+    with pytest.raises(DataError, match="Unknown split"):
+        D.load_builtin("wine", split="valid")
