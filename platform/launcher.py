@@ -15,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedveil.platform import proctree
 from fedveil.platform.errors import FedveilError
 
 
@@ -96,40 +98,89 @@ class TlsFiles:
 
 @dataclass
 class ProcessGroup:
-    """The processes a command started; `stop_all` always stops every one of them."""
+    """The processes a command started; `stop_all` always stops every one of them *and their trees*.
+
+    Flower detaches some of its helpers (the SuperLink's executor and the ServerApp it spawns run in
+    a session of their own), so the group remembers every descendant it has seen and stops them all,
+    SIGKILL after `grace` (see fedveil.platform.proctree). A watchdog process does the same if the
+    command dies without calling `stop_all` (kill -9).
+    """
 
     workdir: Path
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    watchdog: bool = True
+    seen: dict[int, int] = field(default_factory=dict)
+    _dog: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _tracker: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    def start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: Mapping[str, str] | None = None, *,
+              capture: bool = False) -> subprocess.Popen:
+        """Start `argv` in a new session, logging to logs/NAME.log (or to a pipe, with capture=True)."""
+        self._start_tracking()
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(env or os.environ), start_new_session=True, cwd=self.workdir)
-        log.close()
+        if capture:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=dict(env or os.environ), start_new_session=True, cwd=self.workdir, text=True,
+                                    bufsize=1)
+        else:
+            with open(logs / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=dict(env or os.environ), start_new_session=True, cwd=self.workdir)
         self.procs.append((name, proc))
+        proctree.watch(self._dog, proc.pid)
         return proc
+
+    def _start_tracking(self) -> None:
+        if self._tracker is not None:
+            return
+        self._stopping.clear()
+        proctree.become_subreaper()
+        if self.watchdog:
+            self._dog = proctree.start_watchdog()
+        self._tracker = threading.Thread(target=self._track, name="fedveil-proctree", daemon=True)
+        self._tracker.start()
+
+    def _track(self, every: float = 1.0) -> None:
+        """Remember the tree's members while they can still be found by parent id."""
+        while not self._stopping.wait(every):
+            self.snapshot()
+
+    def snapshot(self) -> dict[int, int]:
+        """Add the current descendants of the started processes to `seen`; returns them all."""
+        with self._lock:
+            table = proctree.proc_table()
+            roots = [p.pid for _, p in self.procs] + list(proctree.alive(self.seen, table))
+            self.seen.update(proctree.descendants(roots, table))
+            return dict(self.seen)
 
     def alive(self) -> list[str]:
         return [name for name, p in self.procs if p.poll() is None]
 
     def stop_all(self, grace: float = 5.0) -> None:
-        for _, proc in reversed(self.procs):
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        """SIGTERM every started process and its whole tree; SIGKILL what is left after `grace` s."""
+        self._stopping.set()
+        roots = [p.pid for _, p in self.procs]
+        table = proctree.proc_table()
+        tracked = {**self.snapshot(), **{pid: table[pid].start for pid in roots if pid in table}}
+        for pid in roots:  # the tree is known before anything exits; groups also work where /proc does not
+            _signal_group(pid, signal.SIGTERM)
+        proctree.stop_tree(tracked, roots=roots, grace=grace, no_reap=roots)
         for _, proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, proc in self.procs:
-            _signal_group(proc, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+        self.seen.clear()
+        if self._tracker is not None:
+            self._tracker.join(timeout=5)
+            self._tracker = None
+        proctree.release(self._dog)
+        self._dog = None
 
     def __enter__(self) -> "ProcessGroup":
         return self
@@ -138,10 +189,10 @@ class ProcessGroup:
         self.stop_all()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process's whole session (it and the ClientApps it spawned)."""
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal a started process's whole session (it started it with start_new_session)."""
     try:
-        os.killpg(proc.pid, sig)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
