@@ -78,8 +78,10 @@ def load_datasets(identity: ClientIdentity, cfg: FedveilConfig):
 def build_model(cfg: FedveilConfig, input_shape: tuple[int, ...], num_classes: int):
     from fedveil.platform.models import build_model as _build
 
-    kwargs = {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}
-    return _build(cfg.model.name, input_shape, num_classes, **kwargs)
+    from fedveil.platform.models import model_kwargs
+
+    m = cfg.model
+    return _build(m.name, input_shape, num_classes, **model_kwargs(m.name, m.hidden, m.activation, m.groupnorm))
 
 
 def model_arrays(model) -> list[np.ndarray]:
@@ -186,13 +188,19 @@ def train_task(
             return TrainOutcome("budget_exhausted", info, metrics, None)
 
     # 3. Train locally with DP-SGD and form the weighted update n_i * delta_i.
+    from fedveil.clients.training import scheduled_lr, task_round
+
+    tr = federation.training
     settings = TrainSettings(
-        epochs=federation.training.epochs,
-        batch_size=federation.training.batch_size,
-        lr=federation.training.lr,
-        optimizer=federation.training.optimizer,
-        device=cfg.org(identity.org).device or federation.training.device,
+        epochs=tr.epochs,
+        batch_size=tr.batch_size,
+        lr=scheduled_lr(tr.lr, tr.lr_schedule, task_round(task_id), federation.federation.rounds, lr_min=tr.lr_min,
+                        step_rounds=tr.lr_step_rounds, gamma=tr.lr_gamma),
+        optimizer=tr.optimizer,
+        device=cfg.org(identity.org).device or tr.device,
         seed=federation.federation.seed + zlib.crc32(task_id.encode()) % 100_000,
+        momentum=tr.momentum,
+        weight_decay=tr.weight_decay,
     )
     dp = DPSettings(
         enabled=priv.enabled,

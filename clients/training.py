@@ -15,9 +15,13 @@ sample rate is exactly q = batch_size / n and the data path stays fast):
   the whole history. `plan_noise_multiplier` plans sigma for a whole run up front.
 * **Secret randomness.** Privacy amplification by subsampling assumes nobody can predict
   which samples were drawn, and the noise must be unpredictable too. So with DP on, the
-  sampling and noise generators are seeded from `os.urandom`, *not* from the configured
-  seed (which the server may know). `DPSettings.reproducible=True` seeds them from the
-  config seed for tests and benchmarks only; it voids the guarantee.
+  sampling generator is seeded from `os.urandom`, *not* from the configured seed (which the
+  server may know), and the Gaussian noise comes from a cryptographically secure stream:
+  AES-256-CTR under a fresh `os.urandom` key (`fedveil.secure.noise.SecureGaussian`), in every
+  mode (Opacus' optimizers via `_csprng_optimizer_class`, the fused step, noise-only steps).
+  `DPSettings.reproducible=True` derives both from the config seed for tests and benchmarks
+  only; it voids the guarantee. `DPSettings.noise_source="torch"` (benchmarks only) draws the
+  noise from torch's Mersenne Twister instead, to measure what the secure stream costs.
 
 The model passed in is trained in place: Opacus wraps it (the parameters are shared), and
 the hooks and per-sample attributes are removed afterwards, so its `state_dict` keys are
@@ -26,11 +30,13 @@ the original ones (no `_module.` prefix).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,8 +44,10 @@ from torch import nn
 
 from fedveil.platform.data import Dataset
 from fedveil.platform.errors import ConfigError, FedveilError
+from fedveil.secure.noise import SecureGaussian
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "ew", "functorch", "fused")
+NOISE_SOURCES = ("csprng", "torch")
 
 # Measured by benchmarks/dp_training.py on this machine class (CPU, 1 torch thread); see
 # docs/benchmarks.md "DP-SGD training". "auto" picks per model family. "fused" is fedveil's
@@ -57,6 +65,7 @@ class DPSettings:
     accountant: str = "rdp"  # "rdp" or "prv"
     grad_sample_mode: str = "auto"  # "auto" picks per model (measured best), or "hooks"/"ghost"/"ew"/"functorch"
     reproducible: bool = False  # seed sampling/noise from TrainSettings.seed: tests/benchmarks ONLY, voids DP
+    noise_source: str = "csprng"  # "csprng" (AES-256-CTR); "torch" (Mersenne Twister): benchmarks ONLY
 
     def validate(self) -> None:
         if self.accountant not in ("rdp", "prv"):
@@ -65,6 +74,9 @@ class DPSettings:
             raise ConfigError(
                 f"Unknown grad_sample_mode {self.grad_sample_mode!r}.", f"Use one of {', '.join(GRAD_SAMPLE_MODES)}."
             )
+        if self.noise_source not in NOISE_SOURCES:
+            raise ConfigError(f"Unknown noise_source {self.noise_source!r}.",
+                              "Use 'csprng' (the default; 'torch' is for benchmarks only).")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}.", "Set the clipping norm C, e.g. 1.0.")
         if not (0 < self.delta < 1):
@@ -207,7 +219,36 @@ def choose_grad_sample_mode(model: nn.Module, requested: str = "auto") -> str:
 # --------------------------------------------------------------------------- training
 
 
+def scheduled_lr(base_lr: float, schedule: str, rnd: int | None, rounds: int, *, lr_min: float = 0.0,
+                 step_rounds: int = 1, gamma: float = 0.5) -> float:
+    """The client learning rate of round `rnd` (1-based) of `rounds` (`[training] lr_schedule`).
+
+    The round comes from the task, so every organization applies the same lr in the same round and
+    a resumed run continues the schedule. constant: base_lr. cosine: base_lr in round 1, decaying
+    towards lr_min (reached one round after the last, so the last round still learns). step: base_lr * gamma ** ((rnd - 1) // step_rounds). Without a round
+    number (async tasks) the lr stays at base_lr.
+    """
+    if schedule == "constant" or rnd is None:
+        return float(base_lr)
+    r = min(max(int(rnd), 1), max(int(rounds), 1))
+    if schedule == "cosine":
+        frac = (r - 1) / max(int(rounds), 1)
+        return float(lr_min + 0.5 * (base_lr - lr_min) * (1.0 + math.cos(math.pi * frac)))
+    if schedule == "step":
+        return float(base_lr * gamma ** ((r - 1) // max(int(step_rounds), 1)))
+    raise ConfigError(f"Unknown lr_schedule {schedule!r}.", "Use 'constant', 'cosine' or 'step'.")
+
+
+def task_round(task_id: str) -> int | None:
+    """The round number a synchronous train task carries in its id ("RUN:round-N"), else None."""
+    import re
+
+    found = re.search(r":round-(\d+)$", task_id)
+    return int(found.group(1)) if found else None
+
+
 def _make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
+    """SGD with the configured momentum (`[training] momentum`, default 0.9) or Adam; both with weight decay."""
     name = s.optimizer.strip().lower()
     if name == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -284,19 +325,18 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
     C = float(dp.max_grad_norm)
 
     from opacus.grad_sample import prepare_module
-    from opacus.optimizers import get_optimizer_class
 
     if dp.reproducible:
         seed_s, seed_n = settings.seed * 2 + 1, settings.seed * 2 + 2
     else:
         seed_s, seed_n = (int.from_bytes(os.urandom(8), "little") >> 1 for _ in range(2))
     sample_gen = torch.Generator(device="cpu").manual_seed(seed_s)
-    noise_gen = torch.Generator(device=device).manual_seed(seed_n)
+    noise = _noise_source(dp, seed_n, device)
 
     if mode == "fused":
         try:
             with warnings.catch_warnings():
-                losses, seen = _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, noise_gen)
+                losses, seen = _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, noise)
         finally:
             for p in model.parameters():
                 p.grad = None
@@ -318,13 +358,13 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
         ) from exc
     base_opt = _make_optimizer(model.parameters(), settings)
     expected_bs = max(q * n, 1e-12)
-    opt = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)(
+    opt = _dp_optimizer_class(mode)(
         optimizer=base_opt,
         noise_multiplier=sigma,
         max_grad_norm=C,
         expected_batch_size=expected_bs,
         loss_reduction="mean",
-        generator=noise_gen,
+        noise_fn=noise,
     )
     if mode == "ghost":
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -339,7 +379,7 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
                 idx = mask.nonzero().squeeze(1).to(device)
                 opt.zero_grad(set_to_none=True)
                 if len(idx) == 0:
-                    _noise_only_step(opt, base_opt, sigma, C, expected_bs, noise_gen)
+                    _noise_only_step(opt, base_opt, sigma, C, expected_bs, noise)
                     continue
                 out = gsm(X[idx])
                 if mode == "ghost":
@@ -364,6 +404,58 @@ def train(model: nn.Module, train_ds: Dataset, settings: TrainSettings, dp: DPSe
                        total_steps - len(losses))
 
 
+NoiseFn = Callable[[float, torch.Tensor], torch.Tensor]  # (std, reference) -> N(0, std^2) shaped like reference
+
+
+def _noise_source(dp: DPSettings, seed: int, device: torch.device) -> NoiseFn:
+    """The DP-SGD noise: AES-256-CTR Gaussians (`SecureGaussian`, fresh key unless reproducible),
+    or torch's Mersenne Twister through Opacus' own routine when `dp.noise_source == "torch"`
+    (benchmarks only: it is what the secure stream is measured against)."""
+    if dp.noise_source == "torch":
+        from opacus.optimizers.optimizer import _generate_noise
+
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return lambda std, ref: _generate_noise(std=std, reference=ref, generator=gen)
+    stream = SecureGaussian.from_seed(seed) if dp.reproducible else SecureGaussian()
+
+    def draw(std: float, ref: torch.Tensor) -> torch.Tensor:
+        if std == 0:
+            return torch.zeros_like(ref)
+        z = torch.from_numpy(stream.normal(std, ref.numel()))
+        return z.to(device=ref.device, dtype=ref.dtype).view(ref.shape)
+
+    return draw
+
+
+class _NoiseFromSource:
+    """Mixin for an Opacus DPOptimizer class: `add_noise` draws from a `NoiseFn` (the secure
+    stream) instead of a torch.Generator. Same loop as Opacus' `add_noise` (std = sigma * C,
+    or Opacus' `_adjusted_noise_multiplier` when set), so clipping, scaling and accounting are
+    Opacus' own; only where the Gaussian comes from changes."""
+
+    def __init__(self, *args, noise_fn: NoiseFn, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_fn = noise_fn
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.noise_fn(std, p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _dp_optimizer_class(mode: str) -> type:
+    """Opacus' flat-clipping optimizer for `mode`, with its noise drawn from a `NoiseFn`."""
+    from opacus.optimizers import get_optimizer_class
+
+    base = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=mode)
+    return type(f"SecureNoise{base.__name__}", (_NoiseFromSource, base), {})
+
+
 def _check_fused(model: nn.Module) -> None:
     bad = sorted({type(m).__name__ for m in model.modules()
                   if any(p.requires_grad for p in m.parameters(recurse=False)) and not isinstance(m, nn.Linear)})
@@ -374,18 +466,16 @@ def _check_fused(model: nn.Module) -> None:
         )
 
 
-def _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, noise_gen):
+def _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, noise):
     """DP-SGD for all-Linear networks with ghost clipping fused into one backward pass.
 
     For a Linear layer on (B, in) inputs, sample i's weight gradient is g_i a_i^T, so its
     squared norm is |g_i|^2 |a_i|^2 (+ |g_i|^2 for the bias): one backward pass to the layer
     outputs gives every per-sample norm without materializing per-sample gradients, and the
     clipped sum is (c * G)^T A. Same maths as Opacus flat clipping (clip factor
-    min(1, C / (norm + 1e-6))), Opacus' noise routine, and division by the expected batch
+    min(1, C / (norm + 1e-6))), the same noise source as the Opacus modes, and division by the expected batch
     size q*n, so it is interchangeable with the other modes (tests check it against "hooks").
     """
-    from opacus.optimizers.optimizer import _generate_noise
-
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters())]
     params = [p for p in model.parameters() if p.requires_grad]
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -433,12 +523,11 @@ def _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, no
                 losses.append(per_sample.mean().item())
                 seen += len(idx)
             with torch.no_grad():
-                for p in params:  # same order and routine as Opacus' DPOptimizer.add_noise
+                for p in params:  # same order and noise source as _NoiseFromSource.add_noise
                     summed = grads.get(p)
                     if summed is None:
                         summed = torch.zeros_like(p)
-                    noise = _generate_noise(std=sigma * C, reference=summed, generator=noise_gen)
-                    p.grad = ((summed + noise) / expected_bs).view_as(p)
+                    p.grad = ((summed + noise(sigma * C, summed)) / expected_bs).view_as(p)
             opt.step()
     finally:
         for h in handles:
@@ -447,11 +536,11 @@ def _train_fused(model, X, y, settings, sigma, C, q, total_steps, sample_gen, no
     return losses, seen
 
 
-def _noise_only_step(opt, base_opt, sigma, C, expected_bs, gen) -> None:
+def _noise_only_step(opt, base_opt, sigma, C, expected_bs, noise: NoiseFn) -> None:
     """A Poisson draw selected nobody: release only noise, as DP-SGD on an empty batch does."""
     with torch.no_grad():
         for p in opt.params:
-            p.grad = torch.normal(0.0, sigma * C, size=p.shape, device=p.device, generator=gen) / expected_bs
+            p.grad = noise(sigma * C, torch.zeros_like(p)) / expected_bs
     base_opt.step()
     base_opt.zero_grad(set_to_none=True)
     for p in opt.params:

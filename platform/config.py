@@ -37,6 +37,9 @@ class FederationSection(_Section):
     late_replies: Literal["drop", "carry"] = Field(
         "drop", description="semi-sync: replies after the deadline are dropped, or carried into the next round "
         "with a staleness weight (see [async] staleness)")
+    num_samples_tolerance: float = Field(
+        0.1, ge=0, le=1, description="how far below the sample count an organization declared at hello a reply's "
+        "num_samples may fall (fraction of the declared count); above it, or further below, the update is refused")
     seed: int = 0
 
 
@@ -52,6 +55,8 @@ class DataSection(_Section):
 class ModelSection(_Section):
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [64])
+    activation: Literal["relu", "tanh"] = Field("relu", description="hidden activation (mlp, cnn); tanh suits DP-SGD")
+    groupnorm: bool | None = Field(None, description="cnn: GroupNorm after each conv (default: only below 16x16)")
 
 
 class TrainingSection(_Section):
@@ -60,6 +65,14 @@ class TrainingSection(_Section):
     lr: float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     device: str = "auto"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty added to every local step")
+    lr_schedule: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="client lr by round: constant | cosine (lr -> lr_min over the rounds) | "
+        "step (x lr_gamma every lr_step_rounds rounds)")
+    lr_min: float = Field(0.0, ge=0, description="cosine: the lr of the last round")
+    lr_step_rounds: int = Field(1, ge=1, description="step: rounds between decays")
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="step: decay factor")
 
 
 class PrivacySection(_Section):
@@ -85,6 +98,7 @@ class ServerSection(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="fedavg: server momentum (FedAvgM); 0 = plain averaging")
     superlink: str = "127.0.0.1:9092"
     store: str = ""
     checkpoint_dir: str = ""
@@ -110,6 +124,27 @@ class AsyncSection(_Section):
     hinge_b: int = Field(4, ge=0, description="versions b a hinge-weighted update may lag at full weight")
     max_staleness: int = Field(10, ge=0, description="updates more than this many versions old are dropped")
     server_lr: float = Field(1.0, gt=0, description="eta in w <- w + eta * sum a_i n_i d_i / sum a_i n_i")
+
+
+class EvaluationSection(_Section):
+    """`[evaluation]`: the server scores the global model on a public held-out set after rounds."""
+
+    source: str = Field("auto", description='"auto" (the builtin test split when data.source is builtin, else '
+                        'none) | "builtin-test" | "none" | a builtin name | a .csv/.parquet/.npz file')
+    every: int = Field(1, ge=1, description="evaluate after every N-th round (and always after the last)")
+    batch_size: int = Field(2048, ge=1)
+    device: str = "auto"
+
+    def resolved(self, data_source: str) -> str:
+        """The held-out source to use, or "" when server-side evaluation is off."""
+        from fedveil.platform.data import builtin_key
+
+        key = self.source.strip()
+        if key.lower() == "none":
+            return ""
+        if key.lower() == "auto":
+            return "builtin-test" if builtin_key(data_source) else ""
+        return key
 
 
 class ProxySection(_Section):
@@ -164,6 +199,7 @@ class FedveilConfig(_Section):
     secure: SecureSection = Field(default_factory=SecureSection)
     proxies: ProxySection = Field(default_factory=ProxySection)
     async_: AsyncSection = Field(default_factory=AsyncSection, alias="async")
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     orgs: list[OrgSection] = Field(default_factory=list)
     policy: PolicySection = Field(default_factory=PolicySection)
 
@@ -219,12 +255,18 @@ class FedveilConfig(_Section):
 
     def secure_options(self) -> dict[str, Any]:
         """Options every party passes to `fedveil.secure.modes.get_mode` so they agree on the encoding."""
-        weighted = self.federation.mode == "async" or (
-            self.federation.mode == "semi-sync" and self.federation.late_replies == "carry")
         # Staleness weights are applied by ckks proxies as plaintext scalars: one spare level lets them
         # multiply at full precision (2^-40) instead of a 2^-8 grid at the lowest level (secure/ckks.py).
+        # max_clients bounds each client's CKKS values (max_total / max_clients) so no total can wrap.
         return {"frac_bits": self.secure.frac_bits, "clip": self.secure.clip_range,
-                "min_aggregate": self.federation.min_aggregate, "spare_levels": 1 if weighted else 0}
+                "min_aggregate": self.federation.min_aggregate, "spare_levels": 1 if self.staleness_weighted() else 0,
+                "max_clients": self.secure.max_clients}
+
+    def staleness_weighted(self) -> bool:
+        """Whether aggregates carry staleness weights: async, or semi-sync carrying late replies. A sync
+        round carries none, so a proxy whose own config says sync refuses any staleness or weight."""
+        return self.federation.mode == "async" or (
+            self.federation.mode == "semi-sync" and self.federation.late_replies == "carry")
 
     def to_json(self) -> str:
         return self.model_dump_json()
