@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/dp_training.py            (about 2-4 minutes on 2 CPU cores)
       python benchmarks/dp_training.py --quick    (smoke run)
+      python benchmarks/dp_training.py --noise    (DP noise: AES-256-CTR stream vs torch's generator, ~1 min)
 
 Same model, same data, same settings; only the per-sample-gradient machinery differs.
 Throughput counts the samples actually processed (Poisson batches vary in size). The host is
@@ -49,12 +50,68 @@ def _workloads(quick: bool):
     ]
 
 
-def _run_once(model_name, ds, batch, mode, epochs):
+def _run_once(model_name, ds, batch, mode, epochs, noise_source="csprng"):
     torch.manual_seed(0)
     model = M.build_model(model_name, ds.feature_shape, ds.num_classes)
-    dp = T.DPSettings(enabled=mode != "none", grad_sample_mode=mode if mode != "none" else "auto", reproducible=True)
+    dp = T.DPSettings(enabled=mode != "none", grad_sample_mode=mode if mode != "none" else "auto", reproducible=True,
+                      noise_source=noise_source)
     res = T.train(model, ds, T.TrainSettings(epochs=epochs, batch_size=batch, lr=0.05, device="cpu"), dp, 1.0)
     return res.samples_per_second
+
+
+def _time_per_call(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def noise_benchmark(repeats: int, quick: bool) -> list[dict]:
+    """What drawing DP noise from AES-256-CTR (`fedveil.secure.noise`) costs against torch's
+    Mersenne Twister: raw draws per second, then DP training throughput with each source
+    (interleaved repeats, ratio within a repeat, median)."""
+    from fedveil.secure.noise import SecureGaussian
+
+    rows: list[dict] = []
+    n = 200_000 if quick else 1_000_000
+    secure, gen = SecureGaussian(), torch.Generator().manual_seed(0)
+    ratios, t_sec, t_mt = [], [], []
+    for _ in range(repeats):
+        a = _time_per_call(lambda: torch.from_numpy(secure.normal(1.0, n)).to(torch.float32), 3)
+        b = _time_per_call(lambda: torch.normal(0.0, 1.0, size=(n,), generator=gen), 3)
+        t_sec.append(a)
+        t_mt.append(b)
+        ratios.append(a / b)
+    print(f"raw N(0,1) draws, {n} float32: torch MT19937 {n / statistics.median(t_mt) / 1e6:.1f} M/s, "
+          f"AES-256-CTR + Box-Muller {n / statistics.median(t_sec) / 1e6:.1f} M/s "
+          f"(time {statistics.median(ratios):.2f}x torch)")
+    rows.append({"what": "raw", "n": n, "torch_per_s": n / statistics.median(t_mt),
+                 "csprng_per_s": n / statistics.median(t_sec), "time_ratio": statistics.median(ratios)})
+    digits = D.load_builtin("digits")
+    (bc,) = D.standardize(D.load_builtin("breast_cancer"))
+    header = f"{'model':5} {'data':14} {'batch':>5} {'mode':6} {'torch s/s':>10} {'csprng s/s':>10} {'csprng/torch':>12}"
+    print(header)
+    print("-" * len(header))
+    for model_name, label, ds, batch, mode in (("mlp", "digits", digits, 64, "fused"),
+                                               ("mlp", "digits", digits, 64, "hooks"),
+                                               ("mlp", "breast_cancer", bc, 32, "fused")):
+        epochs = max(1, (1500 if quick else 6000) // len(ds))
+        _run_once(model_name, ds, batch, mode, 1, "csprng")  # warm-up
+        got: dict[str, list[float]] = {"torch": [], "csprng": [], "ratio": []}
+        for _ in range(repeats):
+            ref = _run_once(model_name, ds, batch, mode, epochs, "torch")
+            sec = _run_once(model_name, ds, batch, mode, epochs, "csprng")
+            got["torch"].append(ref)
+            got["csprng"].append(sec)
+            got["ratio"].append(sec / ref)
+        med = {k: statistics.median(v) for k, v in got.items()}
+        print(f"{model_name:5} {label:14} {batch:5d} {mode:6} {med['torch']:10.0f} {med['csprng']:10.0f} "
+              f"{med['ratio']:11.2f}x [{min(got['ratio']):.2f}-{max(got['ratio']):.2f}]", flush=True)
+        rows.append({"what": "training", "model": model_name, "data": label, "batch": batch, "mode": mode,
+                     "torch_samples_per_s": med["torch"], "csprng_samples_per_s": med["csprng"],
+                     "ratio": med["ratio"], "ratios": got["ratio"]})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -63,12 +120,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable timings on a shared host)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--noise", action="store_true", help="only the DP-noise comparison (AES-256-CTR vs torch)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     t_start = time.time()
     print(f"torch {torch.__version__}, opacus {__import__('opacus').__version__}, python {sys.version.split()[0]}, "
           f"{_stdlib_platform.machine()}, torch threads={args.threads}, device=cpu, repeats={repeats} (interleaved, median)")
+    if args.noise:
+        rows = noise_benchmark(repeats, args.quick)
+        print(f"total {time.time() - t_start:.0f} s")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
+        return 0
     rows = []
     header = f"{'model':5} {'data':30} {'batch':>5} {'mode':10} {'samples/s':>10} {'vs non-private':>15}"
     print(header)
