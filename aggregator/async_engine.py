@@ -8,8 +8,11 @@ Async (DESIGN §7):
   * `async.concurrency` clients train at once; each task has a unique task id (the ledger is
     charged per task, idempotently by id) and is bound to the model version v_base it was sent.
   * replies wait in a buffer; at `async.buffer_size` = K updates (K >= federation.min_aggregate)
-    the proxies aggregate them with staleness weights alpha(v - v_base), applied on the mode's
-    grid (`applied_weight`: 2^-16 for secret sharing, exact for ckks with its spare level).
+    the proxies aggregate them with staleness weights alpha(v - v_base). The server sends only each
+    client's staleness s_i = v - v_base; each proxy computes alpha(s_i) from its own config
+    (`fedveil.secure.staleness`, floor alpha(max_staleness)), and the server normalizes with the same
+    public alpha on the mode's grid (`applied_weight`: 2^-16 for secret sharing, exact for ckks with
+    its spare level).
   * w <- w + eta * sum alpha_i n_i delta_i / sum alpha_i n_i (then the configured server
     optimizer; fedavg with server.lr = 1 is exactly this), and the version is bumped.
   * a buffer holds at most one update per client; a client that finishes gets new work at once
@@ -36,23 +39,11 @@ from flwr.app import Message
 
 from fedveil.aggregator import checkpoint
 from fedveil.platform import messages as wire
-from fedveil.platform.config import AsyncSection
 from fedveil.secure.modes import applied_weight
+from fedveil.secure.staleness import staleness_weight
 
 if TYPE_CHECKING:
     from fedveil.aggregator.engine import Federation, Node
-
-
-def staleness_weight(s: int, cfg: AsyncSection) -> float:
-    """alpha(s) for an update s versions old: constant 1, polynomial (1+s)^-a, or hinge (FedBuff / FedAsync)."""
-    s = max(0, int(s))
-    if cfg.staleness == "constant":
-        return 1.0
-    if cfg.staleness == "polynomial":
-        return float((1.0 + s) ** (-cfg.staleness_exponent))
-    if cfg.staleness == "hinge":
-        return 1.0 if s <= cfg.hinge_b else 1.0 / (cfg.hinge_a * (s - cfg.hinge_b) + 1.0)
-    raise ValueError(f"unknown staleness function {cfg.staleness!r}")
 
 
 @dataclass
@@ -146,15 +137,17 @@ class _Rounds:
     def _accept(self, task: Task, reply: Message, rnd: int) -> Update | None:
         """Record a reply's outcome; an ok one becomes an Update (or is dropped as too stale)."""
         node = task.node
-        status, info = self.fed_reply_status(reply)
-        metrics = wire.reply_metrics(reply.content) if not reply.has_error() else {}
+        parsed = self.fed.read_train_reply(rnd, node, reply, self.assignment.get(str(node.node_id), []))
+        if parsed is None:  # malformed: recorded as rejected; only this update is lost
+            return None
+        status, info, metrics = parsed.status, parsed.info, parsed.metrics
         if status == wire.OK:
             s = self.version - task.base_version
             if s > self.acfg.max_staleness:
                 self._drop_stale(node, task.task_id, s, rnd, metrics)
                 return None
             return Update(str(node.node_id), node, task.task_id, task.base_version, time.monotonic(), metrics,
-                          wire.reply_blobs(reply.content))
+                          parsed.payloads)
         self.fed._record_client(rnd, node, status, metrics)
         if status == wire.DROPPED:
             self.fed.event("dropout", f"version {self.version}: {info.get('message', node.name + ' dropped out')}",
@@ -162,6 +155,10 @@ class _Rounds:
         elif status == wire.BUDGET_EXHAUSTED:
             self.retired.add(node.node_id)
             self.fed.event("budget_exhausted", info.get("message", f"{node.name} declined: budget exhausted"),
+                           level="warn", source=node.name, round=rnd)
+        elif status == wire.POLICY:  # it would decline every task of this run: stop sending it work
+            self.retired.add(node.node_id)
+            self.fed.event("policy", f"version {self.version}: {info.get('message', node.name + ' declined by its policy')}",
                            level="warn", source=node.name, round=rnd)
         else:
             self.fed.event("error", f"{node.name}: {info.get('message', status)}", level="error", source=node.name,
@@ -225,9 +222,8 @@ class _Rounds:
         contributions = {u.cid: u.contribution() for u in updates}
         stal = {u.cid: self.version - u.base_version for u in updates}
         alpha = {cid: staleness_weight(s, self.acfg) for cid, s in stal.items()}
-        weights = {cid: applied_weight(fed.mode, a) for cid, a in alpha.items()}
-        send = None if all(w == 1.0 for w in weights.values()) else weights  # None: the exact unweighted path
-        total, included, stats = fed._aggregate(rnd, task_id, contributions, send)
+        weights = {cid: applied_weight(fed.mode, a) for cid, a in alpha.items()}  # what the proxies apply
+        total, included, stats = fed._aggregate(rnd, task_id, contributions, stal)
         extra = {"staleness": [stal[c] for c in sorted(included)], "task_id": task_id,
                  "weights": {contributions[c]["name"]: weights[c] for c in sorted(included)},
                  "base_versions": {contributions[c]["name"]: self.version - stal[c] for c in sorted(included)}}
@@ -277,7 +273,7 @@ class AsyncRounds(_Rounds):
             self._dispatch(clients, concurrency, arrays, rnd)
             for task, reply in self._pull(rnd):
                 if not reply.has_error() and task.base_version >= 1:
-                    m = wire.reply_metrics(reply.content)
+                    m = fed.trusted_metrics(reply, task.node)
                     self.evals.setdefault(task.base_version, []).append(m)
                 update = self._accept(task, reply, rnd)
                 if update is not None:
@@ -401,7 +397,7 @@ class SemiSyncRounds(_Rounds):
         while True:
             for task, reply in self._pull(rnd):
                 if task.round == rnd and not reply.has_error():
-                    fresh_evals.append(wire.reply_metrics(reply.content))
+                    fresh_evals.append(fed.trusted_metrics(reply, task.node))
                 update = self._accept(task, reply, rnd)
                 if update is not None:
                     self.queue.append(update)

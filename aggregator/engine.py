@@ -20,6 +20,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedveil.aggregator import checkpoint
+from fedveil.aggregator import replies as boundary
 from fedveil.aggregator.optimizers import ServerOptimizer
 from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig
@@ -72,11 +73,14 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
 
 
 def reply_ok(reply: Message) -> tuple[str, dict[str, Any]]:
-    """(status, info) of a reply; a Flower-level error becomes status `error`."""
+    """(status, info) of a reply; a Flower-level error or a malformed status becomes status `error`."""
     if reply.has_error():
         return wire.ERROR, {"message": f"node error: {reply.error.reason}"}
-    info = wire.reply_status(reply.content)
-    return str(info.get("status", wire.ERROR)), info
+    try:
+        info = boundary.read_status(reply.content)
+    except boundary.BadReply as bad:
+        return wire.ERROR, {"message": f"malformed reply: {bad.problem}", "field": bad.field}
+    return str(info["status"]), info
 
 
 class Federation:
@@ -106,7 +110,7 @@ class Federation:
         self.handshake_timeout = handshake_timeout
         self.mode = get_mode(cfg.federation.secure, **cfg.secure_options())
         self.optimizer = ServerOptimizer(cfg.server.optimizer, cfg.server.lr, cfg.server.beta1, cfg.server.beta2,
-                                         cfg.server.tau)
+                                         cfg.server.tau, cfg.server.momentum)
         self.rng = random.Random(cfg.federation.seed)
         self.roster = Roster()
         self.like: list[np.ndarray] = []
@@ -138,7 +142,12 @@ class Federation:
             msgs = [Message(self._task_content({"run_id": self.run_id}), n, wire.HELLO) for n in fresh]
             for node_id, reply in exchange(self.grid, msgs, timeout=60).items():
                 asked.add(node_id)
-                status, info = reply_ok(reply)
+                try:
+                    status, info = boundary.parse_hello(reply)
+                except boundary.BadReply as bad:
+                    self.event("rejected", f"node {node_id} cannot join: its hello reply is malformed: {bad.problem}",
+                               level="error", source=str(node_id))
+                    continue
                 if status != wire.OK:
                     self.event("error", f"node {node_id} ({info.get('name', '?')}) cannot join: {info.get('message')}",
                                level="error", source=str(info.get("name", node_id)))
@@ -184,8 +193,10 @@ class Federation:
         model = build_model(self.cfg, next(iter(shapes)), next(iter(classes)))
         self.like = model_arrays(model)
         self.weights = flatten(self.like)
+        self._save_model_info(model, next(iter(shapes)), next(iter(classes)))
         if self.resume:
-            ckpt = checkpoint.load(self.checkpoint_dir)
+            # this run's own checkpoint, else the newest run's of this federation (a resume under a new id)
+            ckpt = checkpoint.load(self.checkpoint_dir) or checkpoint.load(self.checkpoint_dir.parent)
             if ckpt is not None and ckpt.weights.size == self.weights.size:
                 self.weights = ckpt.weights
                 self.optimizer.load_state(ckpt.optimizer)
@@ -196,7 +207,62 @@ class Federation:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.cfg.server.checkpoint_dir or self.workdir / "checkpoints") / self.cfg.federation.name
+        """This run's checkpoints (aggregator/checkpoint.py): a second run never overwrites the first's."""
+        root = Path(self.cfg.server.checkpoint_dir or self.workdir / "checkpoints") / self.cfg.federation.name
+        return root / self.run_id.replace("/", "_").replace("\\", "_")
+
+    def _save_model_info(self, model: Any, input_shape: tuple[int, ...], num_classes: int) -> None:
+        """What `fedveil model export` needs to rebuild the model without this federation's config."""
+        from fedveil.platform.data import input_scaling
+        from fedveil.platform.models import model_kwargs
+
+        m = self.cfg.model
+        checkpoint.save_model_info(self.checkpoint_dir, {
+            "run_id": self.run_id, "federation": self.cfg.federation.name, "model": m.name,
+            "kwargs": model_kwargs(m.name, m.hidden, m.activation, m.groupnorm),
+            "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes),
+            "state_dict": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+            "dataset": self.cfg.data.source, "input_scaling": input_scaling(self.cfg.data.source),
+            "private": bool(self.cfg.privacy.enabled),
+        })
+
+    # ---- server-side evaluation on a public held-out set ([evaluation]) -----------------
+    def server_evaluation(self, rnd: int) -> dict[str, float]:
+        """Score the global model on the public held-out set after round `rnd` (when configured and due).
+
+        Unlike the clients' validation accuracy (which arrives with the next round), this is the
+        accuracy of the model the round produced, on data no organization holds."""
+        ev = self.cfg.evaluation
+        if not ev.resolved(self.cfg.data.source) or not self.like:
+            return {}
+        if rnd % ev.every != 0 and rnd < self.cfg.federation.rounds:
+            return {}
+        from fedveil.clients.node import build_model, set_model_arrays
+        from fedveil.clients.training import evaluate
+
+        try:
+            heldout = self._heldout()
+        except FedveilError as exc:
+            self.event("error", f"server-side evaluation is off: {exc.problem} ({exc.fix})", level="warn")
+            self.cfg.evaluation.source = "none"
+            return {}
+        model = build_model(self.cfg, heldout.feature_shape, heldout.num_classes)
+        set_model_arrays(model, self.global_arrays())
+        loss, acc = evaluate(model, heldout, ev.device, ev.batch_size)
+        checkpoint.record_score(self.checkpoint_dir, rnd, "server_accuracy", acc)
+        return {"server_accuracy": float(acc), "server_loss": float(loss)}
+
+    def _heldout(self):
+        if getattr(self, "_heldout_ds", None) is None:
+            from fedveil.platform.data import load_heldout
+            from fedveil.platform.models import model_kind
+
+            classes = {int(n.info["num_classes"]) for n in self.roster.clients.values()}
+            self._heldout_ds = load_heldout(self.cfg.evaluation.resolved(self.cfg.data.source), self.cfg.data.source,
+                                            image=model_kind(self.cfg.model.name) == "image",
+                                            label_column=self.cfg.data.label_column,
+                                            num_classes=max(classes) if classes else None)
+        return self._heldout_ds
 
     def global_arrays(self) -> list[np.ndarray]:
         return unflatten(self.weights, self.like)
@@ -226,9 +292,9 @@ class Federation:
             )
             for n in sampled
         ]
-        replies = exchange(self.grid, msgs, timeout=fed.round_timeout)
-        contributions = self._collect_train_replies(rnd, sampled, replies)
-        self._record_previous_round_accuracy(rnd, replies)
+        answers = exchange(self.grid, msgs, timeout=fed.round_timeout)
+        contributions = self._collect_train_replies(rnd, sampled, answers, assignment)
+        self._record_previous_round_accuracy(rnd, answers)
 
         if len(contributions) < fed.min_clients:
             self.event("round_skipped", f"round {rnd}: only {len(contributions)} update(s), need "
@@ -251,19 +317,24 @@ class Federation:
         self._record_round(rnd, started, participants=len(included), stats=stats)
         return True
 
-    def _collect_train_replies(self, rnd: int, sampled: list[Node], replies: dict[int, Message]) -> dict[str, dict]:
-        """Record every sampled client's outcome; return the usable contributions by client id."""
+    def _collect_train_replies(self, rnd: int, sampled: list[Node], answers: dict[int, Message],
+                               assignment: dict[str, list[str]] | None = None) -> dict[str, dict]:
+        """Record every sampled client's outcome; return the usable contributions by client id.
+
+        `assignment` is the proxies each client was told to protect for; a reply must address exactly those."""
         contributions: dict[str, dict] = {}
         for node in sampled:
-            reply = replies.get(node.node_id)
+            reply = answers.get(node.node_id)
             if reply is None:
                 self.event("dropout", f"round {rnd}: {node.name} did not reply before the deadline "
                            f"({self.cfg.federation.round_timeout:.0f}s); it is left out of this round",
                            level="warn", source=node.name, round=rnd)
                 self.store.record_client_round(self.run_id, rnd, node.name, "dropped", node_id=str(node.node_id))
                 continue
-            status, info = reply_ok(reply)
-            metrics = wire.reply_metrics(reply.content) if not reply.has_error() else {}
+            parsed = self.read_train_reply(rnd, node, reply, (assignment or {}).get(str(node.node_id), []))
+            if parsed is None:
+                continue
+            status, info, metrics = parsed.status, parsed.info, parsed.metrics
             self._record_client(rnd, node, status, metrics)
             if status == wire.DROPPED:  # experiment knob `dropout`: the same as an absent client
                 self.event("dropout", f"round {rnd}: {info.get('message', node.name + ' dropped out')}", level="warn",
@@ -273,15 +344,54 @@ class Federation:
                 self.event("budget_exhausted", info.get("message", f"{node.name} declined: budget exhausted"),
                            level="warn", source=node.name, round=rnd)
                 continue
+            if status == wire.POLICY:  # the task asked for less than the organization's own [policy]
+                self.event("policy", f"round {rnd}: {info.get('message', node.name + ' declined by its policy')}",
+                           level="warn", source=node.name, round=rnd)
+                continue
             if status != wire.OK:
                 self.event("error", f"round {rnd}: {node.name}: {info.get('message', status)}", level="error",
                            source=node.name, round=rnd)
                 continue
             contributions[str(node.node_id)] = {
-                "name": node.name, "n": int(metrics.get("num_samples", 0)), "metrics": metrics,
-                "payloads": wire.reply_blobs(reply.content),
+                "name": node.name, "n": parsed.num_samples, "metrics": metrics, "payloads": parsed.payloads,
             }
         return contributions
+
+    # ---- reading replies: everything a node sends goes through fedveil.aggregator.replies ----------
+    def declared_samples(self, node: Node) -> int | None:
+        n = node.info.get("num_samples")
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+
+    def read_train_reply(self, rnd: int, node: Node, reply: Message, proxies: list[str]) -> boundary.ClientReply | None:
+        """The validated train reply, or None once its rejection is recorded (only this update is lost).
+
+        A Flower-level error is the node's own failure report, not a malformed reply: it reads as
+        status `error`, as before."""
+        if reply.has_error():
+            return boundary.ClientReply(wire.ERROR, {"message": f"node error: {reply.error.reason}"}, {})
+        try:
+            return boundary.parse_train_reply(reply, proxies=proxies, declared=self.declared_samples(node),
+                                             tolerance=self.cfg.federation.num_samples_tolerance)
+        except boundary.BadReply as bad:
+            self.reject_reply(rnd, node, bad)
+            return None
+
+    def reject_reply(self, rnd: int, node: Node, bad: boundary.BadReply) -> None:
+        self.store.record_client_round(self.run_id, rnd, node.name, "rejected", node_id=str(node.node_id))
+        self.event("rejected", f"round {rnd}: {node.name}'s reply is rejected ({bad.problem}); its update is left "
+                   "out and the round goes on", level="warn", source=node.name, round=rnd)
+
+    def trusted_metrics(self, reply: Message, node: Node | None = None) -> dict[str, float]:
+        """A reply's metrics if they pass validation, else {} (for evaluation, where a bad reply just does not count)."""
+        if reply.has_error():
+            return {}
+        if node is None:
+            node = self.roster.clients.get(reply.metadata.src_node_id)
+        try:
+            return boundary.parse_eval_reply(reply, declared=None if node is None else self.declared_samples(node),
+                                            tolerance=self.cfg.federation.num_samples_tolerance).metrics
+        except boundary.BadReply:
+            return {}
 
     def _record_client(self, rnd: int, node: Node, status: str, m: dict[str, float], staleness: int | None = None) -> None:
         steps = m.get("steps")
@@ -298,7 +408,7 @@ class Federation:
         """Clients evaluated the model of round rnd-1 before training: that is its global accuracy."""
         if rnd <= 1:
             return
-        evals = [wire.reply_metrics(r.content) for r in replies.values() if not r.has_error()]
+        evals = [self.trusted_metrics(r, self.roster.clients.get(nid)) for nid, r in replies.items()]
         self._store_weighted_eval(rnd - 1, evals, "num_samples")
 
     def _store_weighted_eval(self, rnd: int, evals: list[dict[str, float]], weight_key: str) -> tuple[float, float] | None:
@@ -309,37 +419,57 @@ class Federation:
         acc = float(np.dot(w, [e["val_accuracy"] for e in evals]) / w.sum())
         loss = float(np.dot(w, [e["val_loss"] for e in evals]) / w.sum())
         self.store.set_round_evaluation(self.run_id, rnd, acc, loss)
+        checkpoint.record_score(self.checkpoint_dir, rnd, "val_accuracy", acc)
         return acc, loss
 
     def _proxy_task(self, task_id: str, length: int, contributions: dict[str, dict] | None = None,
-                    weights: dict[str, float] | None = None) -> dict[str, Any]:
+                    staleness: dict[str, int] | None = None) -> dict[str, Any]:
         """An aggregate request. Payloads answering other train tasks (async buffers, semi-sync carry-over)
-        stay bound to their own task: `task_ids` tells the proxies which; `weights` are public factors."""
+        stay bound to their own task: `task_ids` tells the proxies which. Weights are never sent: in
+        async and semi-sync-carry rounds `staleness` gives each client's versions behind, and every
+        proxy computes the weights from its own config (a sync round sends neither)."""
         task = {"run_id": self.run_id, "task_id": task_id, "mode": self.mode.name, "length": length,
                 "min_aggregate": self.cfg.federation.min_aggregate, "options": self.cfg.secure_options()}
         own = {cid: c["task_id"] for cid, c in (contributions or {}).items() if c.get("task_id", task_id) != task_id}
         if own:
             task["task_ids"] = {cid: c.get("task_id", task_id) for cid, c in contributions.items()}
-        if weights is not None:
-            task["weights"] = {cid: float(w) for cid, w in weights.items()}
+        if staleness is not None:
+            task["staleness"] = {cid: int(s) for cid, s in staleness.items()}
         return task
 
     def _ask_proxies(self, rnd: int, kind: str, task: dict[str, Any], groups: dict[str, dict[str, bytes]]
                      ) -> dict[str, tuple[str, dict[str, Any], Message]]:
         """Send each proxy its group's payloads; {proxy: (status, info, reply)} for those that answered."""
         by_name = self.roster.proxy_by_name()
+        for name in sorted(set(groups) - set(by_name)):  # replies are validated, so this is a bug if it happens
+            self.event("rejected", f"round {rnd}: payloads for unknown proxy {name!r} are dropped", level="error",
+                       round=rnd)
+        groups = {name: payloads for name, payloads in groups.items() if name in by_name}
         msgs = [Message(RecordDict({"task": wire.json_record(task), "payloads": wire.blobs_record(payloads)}),
                         by_name[name].node_id, kind, group_id=str(rnd)) for name, payloads in sorted(groups.items())]
-        replies = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
+        answers = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
         answered = {}
         for name in sorted(groups):
-            reply = replies.get(by_name[name].node_id)
+            reply = answers.get(by_name[name].node_id)
             if reply is None:
                 self.event("dropout", f"round {rnd}: proxy {name} did not answer", level="warn", source=name, round=rnd)
                 continue
-            status, info = reply_ok(reply)
-            answered[name] = (status, info, reply)
+            answered[name] = self.read_proxy_reply(rnd, name, kind, reply, groups[name])
         return answered
+
+    def read_proxy_reply(self, rnd: int, name: str, kind: str, reply: Message, sent: dict[str, bytes]
+                         ) -> tuple[str, dict[str, Any], Message]:
+        """(status, info, reply) of a proxy's validated reply; a malformed one reads as `error` and is recorded."""
+        if reply.has_error():
+            return wire.ERROR, {"message": f"node error: {reply.error.reason}"}, reply
+        try:
+            parsed = boundary.parse_proxy_reply(reply, sent=sent, want_partial=kind == wire.AGGREGATE,
+                                               min_included=self.cfg.federation.min_aggregate)
+        except boundary.BadReply as bad:
+            self.event("rejected", f"round {rnd}: proxy {name}'s reply is rejected ({bad.problem}); its partial is "
+                       "not used", level="warn", source=name, round=rnd)
+            return wire.ERROR, {"message": f"malformed reply ({bad.field})", "field": bad.field}, reply
+        return parsed.status, parsed.info, reply
 
     def _record_rejections(self, rnd: int, proxy: str, rejected: dict[str, str], contributions: dict[str, dict]) -> None:
         for cid, reason in rejected.items():
@@ -355,24 +485,34 @@ class Federation:
         combine only the clients valid everywhere, once. Returns the narrowed groups, or None.
         """
         answered = self._ask_proxies(rnd, wire.VALIDATE, task, groups)
-        if set(answered) != set(groups) or any(status != wire.OK for status, _, _ in answered.values()):
-            self.event("round_skipped", f"round {rnd}: not every proxy could validate its shares", level="warn",
-                       round=rnd)
+        ok = {name for name, (status, _, _) in answered.items() if status == wire.OK}
+        need = self._partials_needed(len(groups))
+        if len(ok) < need:
+            self.event("round_skipped", f"round {rnd}: only {len(ok)} of {len(groups)} proxies could validate their "
+                       f"shares; mode {self.mode.name} needs {need}", level="warn", round=rnd)
             return None
         bad: set[str] = set()
-        for name, (_, info, _) in answered.items():
+        for name in sorted(ok):
+            info = answered[name][1]
             self._record_rejections(rnd, name, info.get("rejected") or {}, contributions)
             bad |= set(info.get("rejected") or {})
         common = set.intersection(*(set(g) for g in groups.values())) - bad
-        return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items()}
+        return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items() if name in ok}
+
+    def _partials_needed(self, n_proxies: int) -> int:
+        """Partials a shared aggregate cannot do without: all of them, unless the mode tolerates missing ones
+        (replicated sharing); `finish` still decides whether the ones that came suffice."""
+        min_partials = getattr(self.mode, "min_partials", None)
+        return n_proxies if min_partials is None else int(min_partials(n_proxies))
 
     def _aggregate(self, rnd: int, task_id: str, contributions: dict[str, dict],
-                   weights: dict[str, float] | None = None) -> tuple[np.ndarray | None, list[str], dict]:
+                   staleness: dict[str, int] | None = None) -> tuple[np.ndarray | None, list[str], dict]:
         """Forward each proxy the payloads addressed to it; combine the partials into sum w_i n_i delta_i.
 
-        `weights` (async staleness factors) must already be on the mode's grid (`applied_weight`)."""
+        With `staleness` (async, semi-sync carry) the proxies apply w_i = alpha(s_i) from their own config;
+        the caller normalizes with the same public alpha on the mode's grid (`applied_weight`)."""
         length = int(self.weights.size)
-        task = self._proxy_task(task_id, length, contributions, weights)
+        task = self._proxy_task(task_id, length, contributions, staleness)
         groups: dict[str, dict[str, bytes]] = {}
         for cid, c in contributions.items():
             for proxy_name, blob in c["payloads"].items():
@@ -382,6 +522,7 @@ class Federation:
             "protect_seconds": float(np.mean([c["metrics"].get("protect_seconds", 0.0) for c in contributions.values()])),
         }
         shared = len(groups) > 1 and all(len(c["payloads"]) == len(groups) for c in contributions.values())
+        need = self._partials_needed(len(groups))
         if shared and hasattr(self.mode, "validate"):
             narrowed = self._agree_on_clients(rnd, task, groups, contributions)
             if narrowed is None:
@@ -400,7 +541,7 @@ class Federation:
             included_sets.append(list(info["included"]))
             combine.append(wire.reply_metrics(reply.content).get("combine_seconds", 0.0))
         stats["combine_seconds"] = float(max(combine, default=0.0))
-        if shared and (len(partials) != len(groups) or any(set(s) != set(included_sets[0]) for s in included_sets)):
+        if shared and (len(partials) < need or any(set(s) != set(included_sets[0]) for s in included_sets)):
             self.event("round_skipped", f"round {rnd}: the proxies did not all combine the same clients; additive "
                        "shares only decode as a whole, so this round is dropped", level="warn", round=rnd)
             return None, [], stats
@@ -420,6 +561,8 @@ class Federation:
 
     def _record_round(self, rnd: int, started: float, participants: int, stats: dict, **more: Any) -> None:
         finished = time.time()
+        if participants > 0:  # a new global model: score it on the public held-out set (not timed)
+            more.update(self.server_evaluation(rnd))
         self.store.record_round(
             self.run_id, rnd, started_at=started, finished_at=finished, seconds=finished - started,
             participants=participants, bytes_up=int(stats.get("bytes_up", 0)),
@@ -435,8 +578,7 @@ class Federation:
         msgs = [Message(self._task_content({"run_id": self.run_id}, arrays), n.node_id, wire.EVALUATE)
                 for n in self.roster.clients.values()]
         replies = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
-        evals = [wire.reply_metrics(r.content) for r in replies.values()
-                 if not r.has_error() and reply_ok(r)[0] == wire.OK]
+        evals = [self.trusted_metrics(r) for r in replies.values() if reply_ok(r)[0] == wire.OK]
         return self._store_weighted_eval(rnd, evals, "num_val")
 
     def run(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class FederationSection(_Section):
     name: str = "demo"
     rounds: int = Field(5, ge=1, description="synchronous rounds (or async model versions)")
     mode: Literal["sync", "semi-sync", "async"] = "sync"
-    secure: Literal["none", "secret-sharing", "ckks"] = "secret-sharing"
+    secure: Literal["none", "secret-sharing", "replicated-sharing", "ckks"] = "secret-sharing"
     min_aggregate: int = Field(2, ge=1, description="smallest number of clients any aggregate may cover")
     min_clients: int = Field(2, ge=1, description="minimum participation for a round to count")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round; 0 = all")
@@ -173,7 +173,7 @@ class PolicySection(_Section):
     server's copy of this section is never used by a client (clients/node.py `local_config`).
     """
 
-    allow_secure: list[Literal["none", "secret-sharing", "ckks"]] = Field(
+    allow_secure: list[Literal["none", "secret-sharing", "replicated-sharing", "ckks"]] = Field(
         default_factory=lambda: ["secret-sharing", "ckks"],
         description="secure modes this organization releases an update under; 'none' sends it in the clear")
     require_dp: bool = Field(True, description="decline tasks that train without DP-SGD")
@@ -215,7 +215,10 @@ class FedveilConfig(_Section):
             raise ValueError("proxies.names: proxy names must be unique")
         if self.federation.secure == "secret-sharing" and len(self.proxies.names) < 2:
             raise ValueError("proxies.names: secret-sharing needs at least 2 proxies")
-        if self.federation.secure == "secret-sharing":
+        if self.federation.secure == "replicated-sharing" and len(self.proxies.names) < 3:
+            raise ValueError("proxies.names: replicated-sharing needs at least 3 proxies so that one may die; add a "
+                             "proxy, or use secret-sharing with 2")
+        if self.federation.secure in ("secret-sharing", "replicated-sharing"):
             from fedveil.secure.fixedpoint import check_overflow
 
             weight_bits = 16 if self.federation.mode != "sync" else 0
