@@ -11,24 +11,31 @@ write-ahead log before `charge` returns. The client charges *before* it releases
 releases an uncharged update. The check-and-insert runs in one ``BEGIN IMMEDIATE``
 transaction, so two processes charging the same ledger cannot both slip under the budget.
 
-Idempotency: a charge is keyed by (dataset, run_id, task_id). Retrying the same task (the
-server re-sent it, or the client crashed after charging and restarted) returns the recorded
-epsilon without charging twice.
+Retries: the charge and the protected reply it pays for (sealed blobs and released metrics) are
+written in ONE transaction (`commit_release`), before anything is released. A task the server
+re-sends under the same (run_id, task_id) is answered with exactly those stored bytes, without
+training again (`stored_reply`): a fresh noisy release for the same charge would let the server
+average k resends and cut the noise variance by k for free. Anything else is new work, charged
+again. Only the blobs of the `REPLY_KEEP` most recent replies are kept; a resend of an older task
+cannot be answered byte for byte, so it is declined (never trained and released twice).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
 from collections import OrderedDict
 from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedveil.platform.errors import BudgetExhausted, FedveilError
 
 ACCOUNTANTS = ("rdp", "prv")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+REPLY_KEEP = 16  # replies whose blobs are kept for byte-identical retries (older ones keep only their record)
 INTEGER_ALPHAS = [float(a) for a in range(2, 256)]
 
 _SCHEMA = """
@@ -50,7 +57,58 @@ CREATE TABLE IF NOT EXISTS charges (
     UNIQUE (dataset, run_id, task_id)
 );
 CREATE INDEX IF NOT EXISTS charges_dataset ON charges (dataset, id);
+CREATE TABLE IF NOT EXISTS replies (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id    TEXT    NOT NULL,
+    task_id   TEXT    NOT NULL,
+    dataset   TEXT    NOT NULL,
+    status    TEXT    NOT NULL,
+    info      TEXT    NOT NULL,
+    metrics   TEXT    NOT NULL,
+    local     TEXT    NOT NULL DEFAULT '{}',
+    pruned    INTEGER NOT NULL DEFAULT 0,
+    ts        REAL    NOT NULL,
+    UNIQUE (run_id, task_id)
+);
+CREATE TABLE IF NOT EXISTS reply_blobs (
+    reply_id  INTEGER NOT NULL REFERENCES replies (id) ON DELETE CASCADE,
+    name      TEXT    NOT NULL,
+    data      BLOB    NOT NULL,
+    PRIMARY KEY (reply_id, name)
+);
 """
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One round's DP-SGD cost: Opacus' history entry (sigma, q, steps), accounted at `delta`."""
+
+    sigma: float
+    q: float
+    steps: int
+    delta: float
+    budget: float
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    """What a train task released, byte for byte: status, info, metrics, the protected blobs.
+
+    `local` holds values that are logged on the organization's side only and never released
+    (e.g. the training loss, which is not covered by DP).
+    """
+
+    status: str
+    info: dict
+    metrics: dict[str, float]
+    blobs: dict[str, bytes]
+    local: dict[str, float] = field(default_factory=dict)
+    pruned: bool = False
+
+
+class TaskAlreadyAnswered(FedveilError):
+    """The task was answered before, and its reply can no longer be resent byte for byte."""
 
 
 def compute_epsilon(history, delta: float, accountant: str = "rdp") -> float:
@@ -163,6 +221,39 @@ class PrivacyLedger:
     def remaining(self, dataset: str, delta: float, budget: float, accountant: str = "rdp") -> float:
         return max(0.0, budget - self.epsilon(dataset, delta, accountant))
 
+    def run_epsilon(self, dataset: str, run_id: str, delta: float, accountant: str = "rdp",
+                    extra: tuple[float, float, int] | None = None) -> float:
+        """Epsilon spent on `dataset` by run `run_id` alone (plus `extra`, a charge not yet made)."""
+        with closing(self._connect()) as con:
+            hist = [tuple(r) for r in con.execute(
+                "SELECT sigma, q, steps FROM charges WHERE dataset=? AND run_id=? ORDER BY id", (dataset, str(run_id)))]
+        return compute_epsilon(hist + ([extra] if extra else []), delta, accountant)
+
+    # ------------------------------------------------------------------ stored replies
+    def stored_reply(self, run_id: str, task_id: str) -> StoredReply | None:
+        """The reply released for (run_id, task_id), or None if this task was never answered.
+
+        Raises TaskAlreadyAnswered when the task was charged (or answered) but its blobs are gone
+        (pruned, or charged by a ledger from before replies were stored): it must not be trained
+        and released a second time.
+        """
+        run_id, task_id = str(run_id), str(task_id)
+        with closing(self._connect()) as con:
+            row = con.execute("SELECT id, status, info, metrics, local, pruned FROM replies WHERE run_id=? AND task_id=?",
+                              (run_id, task_id)).fetchone()
+            charged = con.execute("SELECT 1 FROM charges WHERE run_id=? AND task_id=?", (run_id, task_id)).fetchone()
+            blobs = {} if row is None else {
+                n: bytes(d) for n, d in con.execute("SELECT name, data FROM reply_blobs WHERE reply_id=?", (row[0],))}
+        if row is None and charged is None:
+            return None
+        if row is None or row[5]:
+            raise TaskAlreadyAnswered(
+                f"task {task_id!r} of run {run_id!r} was already answered and charged, and its reply is no longer "
+                f"stored (only the {REPLY_KEEP} most recent are), so it cannot be resent byte for byte",
+                "the server must send new work under a new task id; this organization never trains the same task twice",
+            )
+        return StoredReply(row[1], json.loads(row[2]), json.loads(row[3]), blobs, json.loads(row[4]))
+
     # ------------------------------------------------------------------ the charge
     def charge(
         self,
@@ -176,55 +267,87 @@ class PrivacyLedger:
         budget: float,
         accountant: str = "rdp",
     ) -> float:
-        """Charge one round's DP-SGD cost; return epsilon after it. Durable before it returns.
+        """Charge one round's DP-SGD cost with nothing to store; return epsilon after it.
 
-        Raises BudgetExhausted, charging nothing, if the charge would take the dataset's
-        epsilon above `budget`. A second call with the same (run_id, task_id) is a retry:
-        it returns the recorded epsilon and charges nothing.
+        `commit_release` with an empty reply. A second charge of the same (run_id, task_id)
+        charges nothing and returns the epsilon recorded by the first: a task is charged once.
         """
-        self._check(sigma, q, steps, delta, accountant)
+        reply = self.commit_release(dataset, run_id, task_id, Charge(sigma, q, int(steps), delta, budget, accountant),
+                                    StoredReply("ok", {}, {}, {}))
+        return float(reply.metrics["epsilon"])
+
+    def commit_release(self, dataset: str, run_id: str, task_id: str, charge: Charge | None,
+                       reply: StoredReply) -> StoredReply:
+        """Charge `charge` (None: DP off, nothing to charge) and store `reply` in one durable transaction.
+
+        Returns the reply to release, with `metrics["epsilon"]` set to the epsilon after the
+        charge. If (run_id, task_id) was answered before (a concurrent delivery of the same task
+        won the race), that stored reply is returned and nothing is charged: the caller must
+        release what this returns, never its own `reply`. Raises BudgetExhausted, charging and
+        storing nothing, if the charge would take the dataset's epsilon above its budget.
+        """
+        if charge is not None:
+            self._check(charge.sigma, charge.q, charge.steps, charge.delta, charge.accountant)
         run_id, task_id = str(run_id), str(task_id)
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")  # serializes concurrent chargers of this ledger
             try:
-                prior = con.execute(
-                    "SELECT sigma, q, steps, epsilon_after FROM charges WHERE dataset=? AND run_id=? AND task_id=?",
-                    (dataset, run_id, task_id),
-                ).fetchone()
-                if prior is not None:
+                answered = con.execute("SELECT 1 FROM replies WHERE run_id=? AND task_id=?", (run_id, task_id)).fetchone()
+                charged = con.execute("SELECT 1 FROM charges WHERE run_id=? AND task_id=?", (run_id, task_id)).fetchone()
+                if answered or charged:
                     con.execute("ROLLBACK")
-                    if (abs(prior[0] - sigma) > 1e-12 or abs(prior[1] - q) > 1e-12 or prior[2] != int(steps)):
-                        raise FedveilError(
-                            f"Task {task_id!r} of run {run_id!r} was already charged with (sigma={prior[0]}, q={prior[1]}, "
-                            f"steps={prior[2]}), and is now charged with (sigma={sigma}, q={q}, steps={steps}).",
-                            "A retried task must repeat the same training; use a new task id for new work.",
-                        )
-                    return float(prior[3])
+                    prior = self.stored_reply(run_id, task_id)
+                    assert prior is not None  # stored_reply raises when there is no reply to resend
+                    return prior
                 hist = self._history(con, dataset)
-                spent = compute_epsilon(hist, delta, accountant)
-                after = compute_epsilon(hist + [(sigma, q, int(steps))], delta, accountant)
-                if after > budget * (1 + 1e-9):
-                    con.execute("ROLLBACK")
-                    raise BudgetExhausted(
-                        f"Privacy budget exhausted for organization {self.org!r} on dataset {dataset}: "
-                        f"spent epsilon={spent:.4g}, this round would cost {after - spent:.4g} more "
-                        f"(epsilon {after:.4g}) against a budget of {budget:.4g} (delta={delta:g}, {accountant}).",
-                        "Raise the privacy budget in the organization's config if policy allows, train on new data "
-                        "(a new dataset has its own budget), or use more noise (higher sigma / lower target epsilon), "
-                        "fewer local steps or a smaller batch for the remaining rounds.",
+                after = compute_epsilon(hist, charge.delta, charge.accountant) if charge else 0.0
+                if charge is not None:
+                    spent = after
+                    after = compute_epsilon(hist + [(charge.sigma, charge.q, int(charge.steps))], charge.delta,
+                                            charge.accountant)
+                    if after > charge.budget * (1 + 1e-9):
+                        con.execute("ROLLBACK")
+                        raise BudgetExhausted(
+                            f"Privacy budget exhausted for organization {self.org!r} on dataset {dataset}: "
+                            f"spent epsilon={spent:.4g}, this round would cost {after - spent:.4g} more "
+                            f"(epsilon {after:.4g}) against a budget of {charge.budget:.4g} (delta={charge.delta:g}, "
+                            f"{charge.accountant}).",
+                            "Raise the privacy budget in the organization's config if policy allows, train on new data "
+                            "(a new dataset has its own budget), or use more noise (higher sigma / lower target "
+                            "epsilon), fewer local steps or a smaller batch for the remaining rounds.",
+                        )
+                    con.execute(
+                        "INSERT INTO charges (org, dataset, run_id, task_id, sigma, q, steps, delta, accountant, "
+                        "epsilon_after, budget, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (self.org, dataset, run_id, task_id, float(charge.sigma), float(charge.q), int(charge.steps),
+                         float(charge.delta), charge.accountant, float(after), float(charge.budget), time.time()),
                     )
-                con.execute(
-                    "INSERT INTO charges (org, dataset, run_id, task_id, sigma, q, steps, delta, accountant, "
-                    "epsilon_after, budget, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (self.org, dataset, run_id, task_id, float(sigma), float(q), int(steps), float(delta),
-                     accountant, float(after), float(budget), time.time()),
+                final = replace(reply, metrics={**reply.metrics, "epsilon": float(after)})
+                cur = con.execute(
+                    "INSERT INTO replies (run_id, task_id, dataset, status, info, metrics, local, ts) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (run_id, task_id, dataset, final.status, json.dumps(final.info), json.dumps(final.metrics),
+                     json.dumps(final.local), time.time()),
                 )
+                con.executemany("INSERT INTO reply_blobs (reply_id, name, data) VALUES (?,?,?)",
+                                [(cur.lastrowid, n, sqlite3.Binary(b)) for n, b in final.blobs.items()])
+                self._prune_blobs(con)
                 con.execute("COMMIT")  # WAL + synchronous=FULL: fsync'd before this returns
-                return float(after)
+                return final
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
                 raise
         finally:
             con.close()
+
+    @staticmethod
+    def _prune_blobs(con: sqlite3.Connection) -> None:
+        """Drop the blobs of all but the REPLY_KEEP newest replies; their records stay (see module doc)."""
+        old = [r[0] for r in con.execute("SELECT id FROM replies WHERE pruned=0 ORDER BY id DESC LIMIT -1 OFFSET ?",
+                                         (REPLY_KEEP,))]
+        if old:
+            marks = ",".join("?" * len(old))
+            con.execute(f"DELETE FROM reply_blobs WHERE reply_id IN ({marks})", old)
+            con.execute(f"UPDATE replies SET pruned=1 WHERE id IN ({marks})", old)

@@ -12,7 +12,8 @@ import time
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedveil.clients.ledger import PrivacyLedger, compute_epsilon
+from fedveil.clients.ledger import (REPLY_KEEP, Charge, PrivacyLedger, StoredReply, TaskAlreadyAnswered,
+                                    compute_epsilon)
 from fedveil.platform.errors import BudgetExhausted, FedveilError
 
 DS = "a1b2c3d4e5f60718"
@@ -84,17 +85,69 @@ def test_budget_exhaustion(tmp_path):
     assert len(led.history(DS)) == 2
 
 
-def test_idempotent_per_task(tmp_path):
+def test_a_task_is_charged_once(tmp_path):
     led = PrivacyLedger(tmp_path / "org.db", "org-a")
     e = led.charge(DS, "run1", "task-7", 1.0, 0.05, 50, DELTA, budget=10)
     assert led.charge(DS, "run1", "task-7", 1.0, 0.05, 50, DELTA, budget=10) == e
+    # a resend asking for other work is still the same task: the recorded charge stands, nothing more is added
+    assert led.charge(DS, "run1", "task-7", 1.0, 0.05, 500, DELTA, budget=10) == e
     assert len(led.history(DS)) == 1 and led.epsilon(DS, DELTA) == pytest.approx(e)
-    # retried with different work: refuse rather than silently under-charge
-    with pytest.raises(FedveilError, match="already charged"):
-        led.charge(DS, "run1", "task-7", 1.0, 0.05, 500, DELTA, budget=10)
     # same task id in another run is a different charge
     led.charge(DS, "run2", "task-7", 1.0, 0.05, 50, DELTA, budget=10)
     assert len(led.history(DS)) == 2
+
+
+def _reply(value: float) -> StoredReply:
+    return StoredReply("ok", {"org": "org-a"}, {"num_samples": 40.0, "val_loss": value},
+                       {"proxy-1": bytes([1, 2, 3]) * 100, "proxy-2": b"\x00sealed\xff"}, {"train_loss": value})
+
+
+def test_commit_release_stores_the_exact_reply_with_its_charge(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    assert led.stored_reply("run", "t1") is None
+    sent = led.commit_release(DS, "run", "t1", Charge(1.0, 0.05, 50, DELTA, 10.0), _reply(0.25))
+    assert sent.metrics["epsilon"] == pytest.approx(_opacus_eps([(1.0, 0.05, 50)]))
+    # a fresh ledger object (another process after a restart) answers the retry byte for byte
+    again = PrivacyLedger(tmp_path / "org.db", "org-a").stored_reply("run", "t1")
+    assert again.blobs == sent.blobs and again.metrics == sent.metrics and again.info == sent.info
+    assert again.local == {"train_loss": 0.25}
+    # a second commit of the same task (a concurrent delivery) gets the first reply back and charges nothing
+    other = led.commit_release(DS, "run", "t1", Charge(0.5, 0.5, 500, DELTA, 10.0), _reply(9.0))
+    assert other.blobs == sent.blobs and other.metrics == sent.metrics
+    assert len(led.history(DS)) == 1
+    # DP off: the reply is stored for retries, nothing is charged
+    led.commit_release(DS, "run", "t2", None, _reply(0.5))
+    assert len(led.history(DS)) == 1 and led.stored_reply("run", "t2").blobs == sent.blobs
+
+
+def test_a_reply_over_budget_is_neither_charged_nor_stored(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    with pytest.raises(BudgetExhausted):
+        led.commit_release(DS, "run", "t1", Charge(0.3, 0.5, 500, DELTA, 1.0), _reply(0.1))
+    assert led.history(DS) == [] and led.stored_reply("run", "t1") is None
+
+
+def test_a_pruned_reply_is_never_answered_again(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    for i in range(REPLY_KEEP + 2):
+        led.commit_release(DS, "run", f"t{i}", Charge(5.0, 0.01, 1, DELTA, 1e6), _reply(float(i)))
+    assert led.stored_reply("run", f"t{REPLY_KEEP + 1}").blobs  # recent replies keep their bytes
+    with pytest.raises(TaskAlreadyAnswered, match="new task id"):
+        led.stored_reply("run", "t0")
+    # a charge written without a reply (a ledger from before replies were stored) is answered the same way
+    con = led._connect()
+    con.execute("DELETE FROM replies WHERE task_id='t5'")
+    con.close()
+    with pytest.raises(TaskAlreadyAnswered):
+        led.stored_reply("run", "t5")
+
+
+def test_run_epsilon_counts_only_that_run(tmp_path):
+    led = PrivacyLedger(tmp_path / "org.db", "org-a")
+    led.charge(DS, "run1", "t1", 1.0, 0.05, 100, DELTA, budget=100)
+    led.charge(DS, "run2", "t1", 1.0, 0.05, 100, DELTA, budget=100)
+    assert led.run_epsilon(DS, "run2", DELTA) == pytest.approx(_opacus_eps([(1.0, 0.05, 100)]))
+    assert led.run_epsilon(DS, "run2", DELTA, extra=(1.0, 0.05, 100)) == pytest.approx(led.epsilon(DS, DELTA))
 
 
 def test_bad_inputs_and_wrong_org(tmp_path):
