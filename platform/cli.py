@@ -18,7 +18,7 @@ from typing import Any
 from fedveil.platform.errors import FedveilError
 
 SECURE_MODES = ("none", "secret-sharing", "ckks")
-SUPERNODE_NOT_ADMITTED = "Exit Code: 305"  # what flower-supernode prints when the SuperLink does not activate it
+SUPERNODE_ADMITTED = "SuperNode ID:"  # what flower-supernode prints once the SuperLink has activated it
 ROUND_MODES = ("sync", "semi-sync", "async")
 
 
@@ -115,6 +115,7 @@ def _demo_keys(args: argparse.Namespace, cfg):
                                "drop --insecure, or use --secure none")
         return None, None
     if args.keys:
+        _tls_files(args.keys)  # a missing or partial bundle is an error now, not a Flower message later
         return Path(args.keys).resolve(), None
     temp = tempfile.TemporaryDirectory(prefix="fedveil-demo-keys-")
     init_federation_keys(temp.name, cfg.proxies.names, [o.name for o in cfg.orgs], federation=cfg.federation.name,
@@ -160,43 +161,35 @@ def _stop_process(proc) -> None:
 
 
 # ---- deployment roles ---------------------------------------------------------------------------
-def _run_foreground(argv: list[str], env: dict[str, str], watch_for: str = "") -> tuple[int, bool]:
-    """Run a Flower process in the foreground, echoing its output; stop its children when it ends.
+def _run_foreground(argv: list[str], env: dict[str, str], workdir: Path, name: str) -> tuple[int, str, bool]:
+    """Run a Flower process in the foreground, echoing its output; stop its whole tree when it ends.
 
-    Returns (exit code, whether `watch_for` appeared in its output): Flower exits 1 for most
-    failures, so the reason is only in what it prints.
+    Returns (exit code, the last lines it printed, whether it was admitted by the SuperLink):
+    Flower exits with one code for most start-up failures, so the reason is only in its output.
     """
-    import subprocess
+    import collections
     import threading
 
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
-    seen = threading.Event()
+    from fedveil.platform import launcher
 
-    def echo() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if watch_for and watch_for in line:
-                seen.set()
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    admitted = threading.Event()
+    with launcher.ProcessGroup(workdir) as group:
+        proc = group.start(name, argv, env, capture=True)
 
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        code = 130
-    for sig in (signal.SIGTERM, signal.SIGKILL):  # the SuperNode's helpers share its session
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        def echo() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                tail.append(line)
+                if SUPERNODE_ADMITTED in line:
+                    admitted.set()
+
+        reader = threading.Thread(target=echo, daemon=True)
+        reader.start()
+        code = proc.wait()  # Ctrl-C / SIGTERM: leaving the block stops the whole tree
     reader.join(timeout=5)
-    return code, seen.is_set()
+    return code, "".join(tail), admitted.is_set()
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -209,6 +202,7 @@ def _split_address(address: str) -> tuple[str, int]:
 def cmd_server(args: argparse.Namespace) -> int:
     from fedveil.platform import config as config_mod, launcher
     from fedveil.platform.federation import follow_run
+    from fedveil.platform.provision import checked_server_bundle
     from fedveil.platform.store import MetricsStore, store_url
 
     cfg = config_mod.load(args.config)
@@ -216,25 +210,36 @@ def cmd_server(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     host, port = _split_address(args.superlink or cfg.server.superlink)
     env = launcher.flower_env(workdir)
-    tls = _tls_files(args.keys) if args.keys else None
+    # The server's own bundle only: refuse a directory holding any proxy's or organization's private key.
+    keys = checked_server_bundle(args.keys) if args.keys else None
+    tls = _tls_files(keys) if keys else None
+    launcher.check_port_free(host, port, "the SuperLink cannot listen",
+                             "stop the program holding it (`ss -ltnp` shows it), or pass another --superlink HOST:PORT")
     with launcher.ProcessGroup(workdir) as group:
         link = group.start("superlink", launcher.superlink_argv(host, port, workdir, tls, auth=tls is not None), env)
-        launcher.wait_for_port("127.0.0.1" if host in ("0.0.0.0", "") else host, port, 60, link, "flower-superlink")
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        launcher.wait_for_port(connect_host, port, 60, link, "flower-superlink")
+        if link.poll() is not None:
+            raise FedveilError(f"flower-superlink exited with code {link.returncode} while starting",
+                               f"see {workdir / 'logs' / 'superlink.log'}")
         launcher.write_connection(Path(env["FLWR_HOME"]), "fedveil", f"{connect_host}:{port}",
                                   None if tls is None else tls.ca_cert)
         _say(f"SuperLink listening on {host}:{port}; logs in {workdir / 'logs'}")
         if args.keys:
-            registered = sorted((Path(args.keys).resolve() / "server" / "supernodes").glob("*.pub"))
+            registered = sorted((keys / "supernodes").glob("*.pub"))
             for pub in registered:
                 launcher.register_supernode(pub, "fedveil", env)
-            _say(f"registered {len(registered)} SuperNode keys: {', '.join(p.stem for p in registered)}")
+            if registered:
+                _say(f"registered {len(registered)} SuperNode keys: {', '.join(p.stem for p in registered)}")
+            else:
+                _say(f"warning: no SuperNode keys in {keys / 'supernodes'}; no node "
+                     "can join until one is registered (`flwr supernode register`)")
         run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         url = cfg.server.store or store_url(workdir)
         run_config = {"config": str(Path(args.config).resolve()), "workdir": str(workdir), "store": url,
                       "run-name": run_name, "resume": bool(args.resume)}
         if args.keys:
-            run_config["keys"] = str(Path(args.keys).resolve() / "server")
+            run_config["keys"] = str(keys)
         flower_run_id = launcher.submit_run(workdir, "fedveil", run_config, env)
         _say(f"run {run_name} submitted; waiting for proxies and clients (Ctrl-C to stop)")
 
@@ -259,8 +264,15 @@ def cmd_server(args: argparse.Namespace) -> int:
 def _tls_files(keys: str):
     from fedveil.platform.launcher import TlsFiles
 
-    root = Path(keys).resolve() / "server"
-    return TlsFiles(ca_cert=root / "ca.pem", server_cert=root / "superlink.pem", server_key=root / "superlink.key")
+    from fedveil.platform.launcher import require_files
+    from fedveil.platform.provision import server_bundle_root
+
+    root = server_bundle_root(keys)
+    tls = TlsFiles(ca_cert=root / "ca.pem", server_cert=root / "superlink.pem", server_key=root / "superlink.key")
+    require_files({"the CA certificate": tls.ca_cert, "the SuperLink certificate": tls.server_cert,
+                   "the SuperLink key": tls.server_key}, root,
+                  "pass --keys the server's bundle (OUT/server from `fedveil keys init`), or run `fedveil keys init`")
+    return tls
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -272,7 +284,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
                            "add it to [proxies] names in the federation config, or pass a listed --name")
     workdir = Path(args.workdir or f"fedveil-{args.name}").resolve()
     node_config = {"role": "proxy", "name": args.name, "workdir": str(workdir),
-                   "min-aggregate": cfg.federation.min_aggregate}
+                   "min-aggregate": cfg.federation.min_aggregate, "config": str(Path(args.config).resolve())}
     return _start_supernode(args, cfg, workdir, node_config)
 
 
@@ -293,25 +305,69 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def _start_supernode(args: argparse.Namespace, cfg, workdir: Path, node_config: dict) -> int:
+    """Start this node's SuperNode; retry with backoff while the SuperLink is unreachable or has not
+    admitted its key yet (e.g. the server is still registering keys, or still remembers a crashed
+    predecessor), up to --connect-timeout; then fail naming the actual cause."""
     from fedveil.platform import launcher
 
     workdir.mkdir(parents=True, exist_ok=True)
+    role = node_config["role"]
     ca = auth = None
     if args.keys:
         bundle = Path(args.keys).resolve()
+        launcher.require_files({"the CA certificate": bundle / "ca.pem", "the SuperNode key": bundle / "supernode.key"},
+                               bundle, f"pass --keys the bundle `fedveil keys init` wrote for this {role} "
+                               f"(for example keys/{node_config['name']})")
         node_config["keys"] = str(bundle)
         ca, auth = bundle / "ca.pem", bundle / "supernode.key"
+    if args.port:
+        launcher.check_port_free("127.0.0.1", args.port, f"--port {args.port}",
+                                 "pass another --port, or leave it out to use a free port")
     superlink = args.superlink or cfg.server.superlink
-    argv = launcher.supernode_argv(superlink, args.port or launcher.free_port(), node_config, ca_cert=ca, auth_key=auth)
-    _say(f"{node_config['role']} {node_config['name']} connecting to {superlink} (Ctrl-C to stop)")
-    code, refused = _run_foreground(argv, launcher.flower_env(workdir), watch_for=SUPERNODE_NOT_ADMITTED)
-    if code != 0 and refused:
-        raise FedveilError(
-            f"the SuperLink at {superlink} did not admit this {node_config['role']}: its SuperNode key is not "
-            "registered there, the TLS certificate does not match, or the SuperLink is unreachable",
-            "ask the server operator to register this node's supernode.pub (`fedveil server --keys` registers every "
-            "key from `fedveil keys init`), and check --superlink and --keys")
-    return code
+    host, port = _split_address(superlink)
+    timeout = float(args.connect_timeout)
+    deadline = time.monotonic() + timeout
+    unreachable_fix = ("start `fedveil server` first, check --superlink / server.superlink and the firewall, "
+                       "or raise --connect-timeout")
+    _say(f"{role} {node_config['name']} connecting to {superlink} (Ctrl-C to stop)")
+    attempt = 0
+    while True:
+        launcher.wait_reachable(host, port, max(1.0, deadline - time.monotonic()), what="the SuperLink",
+                                fix=unreachable_fix, say=_say)
+        argv = launcher.supernode_argv(superlink, args.port or launcher.free_port(), node_config, ca_cert=ca,
+                                       auth_key=auth)
+        code, output, admitted = _run_foreground(argv, launcher.flower_env(workdir), workdir, f"{role}-node")
+        if code == 0 or admitted:
+            return code
+        cause = launcher.classify_node_failure(output)
+        left = deadline - time.monotonic()
+        if cause in ("unreachable", "not-admitted") and left > 0:
+            delay = min(launcher.backoff(attempt), left)
+            _say(f"{role} {node_config['name']}: the SuperLink {'is unreachable' if cause == 'unreachable' else 'did not admit this node yet'}; "
+                 f"retrying in {delay:.0f}s ({left:.0f}s left of --connect-timeout {timeout:.0f})")
+            time.sleep(delay)
+            attempt += 1
+            continue
+        raise _node_failure(cause, role, superlink, timeout)
+
+
+def _node_failure(cause: str, role: str, superlink: str, timeout: float) -> FedveilError:
+    """The error for a SuperNode that never got admitted, naming the cause Flower printed."""
+    if cause == "tls":
+        return FedveilError(f"TLS with the SuperLink at {superlink} failed: this {role}'s ca.pem does not match "
+                            "the server's certificate, or a key file is missing",
+                            "use the bundle from the same `fedveil keys init` as the server's --keys")
+    if cause == "unreachable":
+        return FedveilError(f"the SuperLink at {superlink} did not answer within --connect-timeout {timeout:.0f}s",
+                            "start `fedveil server` first, check --superlink and the firewall, or raise "
+                            "--connect-timeout")
+    if cause == "not-admitted":
+        return FedveilError(f"the SuperLink at {superlink} answered but did not admit this {role} within "
+                            f"--connect-timeout {timeout:.0f}s: its SuperNode key is not registered there",
+                            "ask the server operator to register this node's supernode.pub (`fedveil server --keys` "
+                            "registers every key from `fedveil keys init`), or raise --connect-timeout")
+    return FedveilError(f"the {role}'s SuperNode stopped before the SuperLink at {superlink} admitted it",
+                        "see its output above")
 
 
 # ---- reading the store ---------------------------------------------------------------------------
@@ -398,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", help="local state (replay guard or privacy ledger)")
         p.add_argument("--keys", help="this node's key bundle from `fedveil keys init`")
         p.add_argument("--port", type=int, help="local port for the SuperNode's ClientApp API")
+        p.add_argument("--connect-timeout", type=float, default=120,
+                       help="keep retrying this many seconds while the SuperLink is unreachable or has not "
+                            "admitted this node's key yet (default 120)")
         if name == "proxy":
             p.add_argument("--name", required=True, help="proxy name, as listed in proxies.names")
             p.set_defaults(func=cmd_proxy)

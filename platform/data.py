@@ -306,7 +306,8 @@ def _read_table(p: Path, suffix: str, label_column: str) -> tuple[np.ndarray, np
         shown = ", ".join(cols[:20]) + (f", ... ({len(cols)} in all)" if len(cols) > 20 else "")
         raise DataError(
             f"Label column {label_column!r} not found in {p.name!r}; columns found: {shown}.",
-            "Pass the right column with --label-column (or `label_column` in the config).",
+            f"Set `label_column = \"<column>\"` under [data] in the federation config to one of the "
+            f"columns above (it is {label_column!r} now)."
         )
     if len(df) == 0:
         raise DataError(f"Data file {p.name!r} has a header but no rows.", "Point it at a file that contains data rows.")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fedveil.platform import proctree
 from fedveil.platform.errors import FedveilError
@@ -211,14 +211,48 @@ def superlink_argv(host: str, port: int, workdir: Path, tls: TlsFiles | None = N
     return argv
 
 
+# How a SuperNode runs its ClientApp tasks: "warm" (fedveil's executor: imports once, forks per
+# task, capped waits; see platform/warm_executor.py) or "stock" (a new flwr-clientapp per message).
+# FEDVEIL_EXECUTOR=stock selects Flower's own path, e.g. to compare the two (benchmarks/demo_rounds.py).
+EXECUTOR_ENV = "FEDVEIL_EXECUTOR"
+# The one place the warm SuperNode's waits are set (Flower's own: 3 s idle, 0.5 s reply, 1 s task).
+NODE_IDLE_POLL_S = 0.2  # SuperNode: next fetch from the SuperLink when nothing was waiting
+NODE_REPLY_POLL_S = 0.05  # SuperNode: next check for the ClientApp's reply (in-process state)
+EXECUTOR_TASK_POLL_S = 0.1  # executor: next AcquireTask on the SuperNode's local Runtime API
+_warned_stock: list[str] = []
+
+
+def node_executor(requested: str | None = None) -> str:
+    """"warm" or "stock" for this host; warns once (never slow silently) when warm cannot run."""
+    choice = (requested or os.environ.get(EXECUTOR_ENV) or "warm").strip().lower()
+    if choice not in ("warm", "stock"):
+        raise FedveilError(f"{EXECUTOR_ENV}={choice!r} is not an executor", f"set {EXECUTOR_ENV} to warm or stock")
+    if choice == "stock":
+        return choice
+    from fedveil.platform import warm_executor
+
+    reason = warm_executor.incompatibility()
+    if reason is None:
+        return "warm"
+    if not _warned_stock:
+        _warned_stock.append(reason)
+        print(f"warning: fedveil's warm node executor is off ({reason}); SuperNodes use Flower's stock executor, "
+              "which starts a process per message (rounds take ~10x longer)", file=sys.stderr, flush=True)
+    return "stock"
+
+
 def supernode_argv(superlink: str, port: int, node_config: Mapping[str, Any], *, ca_cert: Path | None = None,
-                   auth_key: Path | None = None) -> list[str]:
-    argv = [bin_path("flower-supernode"), "--superlink", superlink, "--port", str(port), "--host", "127.0.0.1",
+                   auth_key: Path | None = None, executor: str | None = None) -> list[str]:
+    args = ["--superlink", superlink, "--port", str(port), "--host", "127.0.0.1",
             "--node-config", node_config_arg(node_config), "--max-wait-time", "300"]
-    argv += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
+    args += ["--insecure"] if ca_cert is None else ["--root-certificates", str(ca_cert)]
     if auth_key is not None:
-        argv += ["--auth-supernode-private-key", str(auth_key)]
-    return argv
+        args += ["--auth-supernode-private-key", str(auth_key)]
+    if node_executor(executor) == "stock":
+        return [bin_path("flower-supernode"), *args]
+    return [sys.executable, "-m", "fedveil.platform.warm_executor", "supernode",
+            "--idle-poll", str(NODE_IDLE_POLL_S), "--reply-poll", str(NODE_REPLY_POLL_S),
+            "--task-poll", str(EXECUTOR_TASK_POLL_S), "--", *args, "--isolation", "process"]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | None = None) -> None:
@@ -276,3 +310,87 @@ def run_status(run_id: int, connection: str, env: Mapping[str, str], app_dir: Pa
     except json.JSONDecodeError:
         return "unknown"
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+# ---- start-up checks: say what is wrong before Flower does it with a traceback --------------------
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another program holds `port` on `host` (we try to bind it, as the server would)."""
+    bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host  # noqa: S104 - only a probe, closed at once
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from our own last run is fine
+        try:
+            s.bind((bind_host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_port_free(host: str, port: int, what: str, fix: str) -> None:
+    """Fail before starting anything when `port` is taken, instead of a Flower traceback later."""
+    if port_in_use(host, port):
+        raise FedveilError(f"{what}: port {port} on {host or '0.0.0.0'} is already in use by another program", fix)
+
+
+def require_files(files: Mapping[str, Path], where: Path, fix: str) -> None:
+    """Fail with the missing key/cert file names, before Flower reports only the first one vaguely."""
+    if not where.is_dir():
+        raise FedveilError(f"the key directory {where} does not exist", fix)
+    missing = [f"{label} ({path.name})" for label, path in files.items() if not path.is_file()]
+    if missing:
+        raise FedveilError(f"{where} lacks {', '.join(missing)}", fix)
+
+
+def probe(host: str, port: int, timeout: float = 3.0) -> str:
+    """'' when host:port accepts a TCP connection, else why not (refused, timed out, unknown host)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return ""
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror})"
+    except socket.timeout:
+        return f"no answer within {timeout:.0f}s"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+def backoff(attempt: int, first: float = 1.0, most: float = 15.0) -> float:
+    """Seconds to wait before retry `attempt` (0, 1, ...): doubling, capped, so a late server is found fast."""
+    return min(most, first * (2 ** attempt))
+
+
+def wait_reachable(host: str, port: int, timeout: float, *, what: str, fix: str,
+                   say: Callable[[str], None] | None = None) -> None:
+    """Retry with backoff until host:port accepts connections; fail after `timeout` s naming the cause."""
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        reason = probe(host, port, timeout=min(3.0, max(0.5, deadline - time.monotonic())))
+        if not reason:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FedveilError(f"{what} at {host}:{port} is unreachable after {timeout:.0f}s: {reason}", fix)
+        delay = min(backoff(attempt), left)
+        if say is not None and (attempt in (0, 3) or attempt % 10 == 9):
+            say(f"{what} at {host}:{port} is not reachable yet ({reason}); retrying for "
+                           f"{left:.0f}s more")
+        time.sleep(delay)
+        attempt += 1
+
+
+# What flower-supernode prints when it gives up on the SuperLink (Exit Code 305), sorted by cause.
+NODE_FAILURE_CAUSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tls", ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "SSL", "does not point to a file")),
+    ("unreachable", ("Connection refused", "ConnectError", "connection attempts failed", "timed out",
+                     "ConnectTimeout", "Name or service not known", "Service Unavailable", "Bad Gateway")),
+    ("not-admitted", ("[code:", "Precondition Failed", "Unauthorized", "Forbidden",
+                      "Failed to initialize the connection", "Exit Code: 305")),
+)
+
+
+def classify_node_failure(output: str) -> str:
+    """Why a SuperNode stopped before it was admitted: 'tls', 'unreachable', 'not-admitted' or 'other'."""
+    for cause, needles in NODE_FAILURE_CAUSES:
+        if any(n in output for n in needles):
+            return cause
+    return "other"

@@ -36,10 +36,18 @@ TREE = textwrap.dedent("""
 """)
 
 
-def _tree(tmp_path: Path) -> tuple[Path, Path]:
+@pytest.fixture
+def fake_tree(tmp_path):
+    """The fake tree's script and pid file; whatever it started is SIGKILLed after the test, pass or fail."""
     script = tmp_path / "tree.py"
     script.write_text(TREE)
-    return script, tmp_path / "pids.txt"
+    pids = tmp_path / "pids.txt"
+    yield script, pids
+    for pid in (pids.read_text().split() if pids.exists() else []):
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait_pids(path: Path, count: int, timeout: float = 30) -> list[int]:
@@ -66,8 +74,8 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_stop_all_kills_detached_helpers_that_ignore_sigterm(tmp_path):
-    script, pids_file = _tree(tmp_path)
+def test_stop_all_kills_detached_helpers_that_ignore_sigterm(tmp_path, fake_tree):
+    script, pids_file = fake_tree
     group = launcher.ProcessGroup(tmp_path, watchdog=False)
     root = group.start("superlink", [sys.executable, str(script), str(pids_file)])
     helpers = _wait_pids(pids_file, 2)
@@ -79,9 +87,9 @@ def test_stop_all_kills_detached_helpers_that_ignore_sigterm(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_orphans_of_a_crashed_root_are_still_stopped(tmp_path):
+def test_orphans_of_a_crashed_root_are_still_stopped(tmp_path, fake_tree):
     """The 'SuperLink' dies first (kill -9): its detached helpers are re-parented, yet stopped."""
-    script, pids_file = _tree(tmp_path)
+    script, pids_file = fake_tree
     group = launcher.ProcessGroup(tmp_path, watchdog=False)
     root = group.start("superlink", [sys.executable, str(script), str(pids_file)])
     helpers = _wait_pids(pids_file, 2)
@@ -93,9 +101,9 @@ def test_orphans_of_a_crashed_root_are_still_stopped(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_watchdog_stops_the_tree_when_the_command_is_killed(tmp_path):
+def test_watchdog_stops_the_tree_when_the_command_is_killed(tmp_path, fake_tree):
     """kill -9 of the command itself (no cleanup code runs): the watchdog stops what it started."""
-    script, pids_file = _tree(tmp_path)
+    script, pids_file = fake_tree
     command = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -116,3 +124,110 @@ def test_watchdog_stops_the_tree_when_the_command_is_killed(tmp_path):
     finally:
         if cmd.poll() is None:
             cmd.kill()
+
+
+# ---- start-up: every failure is an `error:` and a `fix:`, exit 2, and names the real cause ---------
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "federation.toml"
+
+
+def fedveil(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    return subprocess.run([sys.executable, "-m", "fedveil.platform.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "error: " in done.stderr and "fix: " in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+@pytest.fixture
+def held_port():
+    """A port another program listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_server_refuses_a_port_in_use_before_claiming_to_listen(tmp_path, held_port):
+    done = fedveil("server", "--config", str(CONFIG), "--workdir", str(tmp_path / "srv"),
+                   "--superlink", f"127.0.0.1:{held_port}")
+    assert_clean_error(done, f"port {held_port}", "already in use", "--superlink")
+    assert "listening" not in done.stdout and "registered" not in done.stdout
+    assert not (tmp_path / "srv" / "logs" / "superlink.log").exists(), "no SuperLink may be started"
+
+
+def test_node_port_in_use_is_a_clean_error(tmp_path, held_port):
+    done = fedveil("proxy", "--config", str(CONFIG), "--name", "proxy-1", "--workdir", str(tmp_path / "p"),
+                   "--port", str(held_port), "--superlink", "127.0.0.1:9")
+    assert_clean_error(done, f"--port {held_port}", "already in use")
+
+
+def test_missing_or_partial_keys_dir_names_the_missing_files(tmp_path):
+    done = fedveil("proxy", "--config", str(CONFIG), "--name", "proxy-1", "--keys", str(tmp_path / "nope"))
+    assert_clean_error(done, "does not exist", "fedveil keys init")
+    partial = tmp_path / "bundle"
+    partial.mkdir()
+    (partial / "ca.pem").write_text("x")
+    done = fedveil("client", "--config", str(CONFIG), "--org", "hospital-a", "--data", "breast_cancer",
+                   "--keys", str(partial))
+    assert_clean_error(done, "supernode.key")
+    assert "ca.pem" not in done.stderr.splitlines()[0], "only missing files are named"
+    done = fedveil("server", "--config", str(CONFIG), "--keys", str(tmp_path / "nope"), "--workdir", str(tmp_path / "s"),
+                   "--superlink", "127.0.0.1:9")
+    assert_clean_error(done, "does not exist")
+
+
+def test_unreachable_superlink_is_retried_then_named_as_the_cause(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    started = time.monotonic()
+    done = fedveil("proxy", "--config", str(CONFIG), "--name", "proxy-1", "--workdir", str(tmp_path / "p"),
+                   "--superlink", f"127.0.0.1:{closed}", "--connect-timeout", "4")
+    took = time.monotonic() - started
+    assert_clean_error(done, "unreachable", f"127.0.0.1:{closed}", "--connect-timeout")
+    assert "not registered" not in done.stderr, "an unreachable SuperLink is not a key problem"
+    assert "retrying" in done.stdout
+    assert 4 <= took < 40, took
+
+
+def test_node_failure_causes_are_told_apart():
+    classify = launcher.classify_node_failure
+    assert classify("ERROR: Failed to initialize the connection to the SuperLink.\n"
+                    "All connection attempts failed\nExit Code: 305") == "unreachable"
+    assert classify("Failed to initialize the connection to the SuperLink.\n[code: 7] Node not found\n"
+                    "Exit Code: 305") == "not-admitted"
+    assert classify("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\nExit Code: 305") == "tls"
+    assert classify("Traceback ... ZeroDivisionError") == "other"
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [launcher.backoff(i) for i in range(6)] == [1, 2, 4, 8, 15, 15]
+
+
+def test_missing_label_fix_names_a_setting_that_exists(tmp_path):
+    """The fix text once named `--label-column`, which `fedveil client` rejects; it must name a real key."""
+    csv = tmp_path / "site.csv"
+    csv.write_text("age,diag\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    done = fedveil("client", "--config", str(CONFIG), "--org", "hospital-a", "--data", str(csv),
+                   "--superlink", "127.0.0.1:9")
+    assert_clean_error(done, "'label'", "label_column", "[data]")
+    assert "--label-column" not in done.stderr
+    fixed = tmp_path / "fed.toml"
+    import re
+
+    text = re.sub(r"(?m)^label_column\s*=.*$", "", CONFIG.read_text())
+    fixed.write_text(text.replace("[data]\n", "[data]\nlabel_column = \"diag\"\n", 1))
+    from fedveil.platform import config as config_mod
+
+    assert config_mod.load(fixed).data.label_column == "diag"
