@@ -5,7 +5,9 @@ without touching them. Everything here is pure: arrays and bytes in, arrays and 
 
 Vectors are flat float64 arrays that the client has *already weighted* by its sample count
 n_i, so the server's total is sum_i n_i * delta_i and it divides by sum_i n_i itself.
-Proxies may apply extra public per-client factors (async staleness weights) in `combine`.
+Proxies may apply extra per-client factors (async staleness weights) in `combine`: the proxy
+computes them itself from its own config (`fedveil.secure.staleness`); a mode only accepts
+factors in (0, 1] (`public_weights`), never a zero that would silently drop a counted client.
 
 Async aggregates mix payloads of different train tasks: each payload stays bound to the task it
 answered, so `combine` and `validate` take `task_ids` ({client: task id}) to open each envelope
@@ -141,19 +143,21 @@ def balanced_groups(client_ids: Sequence[str], proxy_ids: Sequence[str], min_agg
 
 
 def public_weights(weights: Mapping[str, float] | None, client_ids: Sequence[str]) -> tuple[dict[str, float], dict[str, str]]:
-    """Each client's public factor (1.0 without weights), and the clients whose factor is unusable.
+    """Each client's factor (1.0 without weights), and the clients whose factor is unusable.
 
-    Every mode applies the same rule, so a negative or non-finite staleness weight is rejected the
-    same way whether the proxy sums floats, shares or ciphertexts.
+    Every mode applies the same rule, so a factor outside (0, 1] is rejected the same way whether the
+    proxy sums floats, shares or ciphertexts: a zero (or tiny) factor would count a client as
+    included while dropping its update, and a factor above 1 would let one client outweigh the rest.
+    The proxy's own staleness floor (`fedveil.secure.staleness.weight_floor`) is the tighter bound.
     """
     factors: dict[str, float] = {}
     invalid: dict[str, str] = {}
     for cid in client_ids:
         w = 1.0 if weights is None else float(weights.get(cid, 1.0))
-        if math.isfinite(w) and w >= 0:
+        if math.isfinite(w) and 0 < w <= 1:
             factors[cid] = w
         else:
-            invalid[cid] = f"invalid weight {w}"
+            invalid[cid] = f"invalid weight {w}: a staleness weight lies in (0, 1]"
     return factors, invalid
 
 
@@ -165,11 +169,15 @@ def _check_vector(vector: np.ndarray) -> np.ndarray:
 
 
 class PlaintextMode:
-    """`none`: the comparison baseline. The server-side proxy sums raw float64 vectors.
+    """`none`: the comparison baseline. Clients send raw float32 vectors, as Flower does.
 
-    It still goes through the proxies and their guards so that the engines exercise the same
-    path as the secure modes. It protects nothing: never use it with real data.
+    float32 on the wire keeps every secure/plaintext byte ratio honest (float64 made them look 2x
+    better); proxies and the server sum in float64. It still goes through the proxies and their
+    guards so that the engines exercise the same path as the secure modes. It protects nothing:
+    never use it with real data.
     """
+
+    wire_dtype = np.dtype("<f4")
 
     name = "none"
 
@@ -177,7 +185,7 @@ class PlaintextMode:
         return balanced_groups(client_ids, proxy_ids, min_aggregate)
 
     def protect(self, vector: np.ndarray, proxies: Sequence[str], binding: Binding, keys: ClientKeyring) -> dict[str, bytes]:
-        data = _check_vector(vector).tobytes()
+        data = _check_vector(vector).astype(self.wire_dtype).tobytes()
         return {p: data for p in proxies}
 
     def combine(
@@ -195,10 +203,11 @@ class PlaintextMode:
         factors, rejected = public_weights(weights, sorted(payloads))
         for cid, factor in factors.items():
             blob = payloads[cid]
-            if len(blob) != binding.length * 8:
-                rejected[cid] = f"wrong length: {len(blob) // 8} values, expected {binding.length}"
+            size = self.wire_dtype.itemsize
+            if len(blob) != binding.length * size:
+                rejected[cid] = f"wrong length: {len(blob) // size} values, expected {binding.length}"
                 continue
-            vec = np.frombuffer(blob, dtype=np.float64)
+            vec = np.frombuffer(blob, dtype=self.wire_dtype).astype(np.float64)
             if not np.all(np.isfinite(vec)):
                 rejected[cid] = "non-finite values in update"
                 continue
@@ -253,7 +262,7 @@ def _load_builtin_modes() -> None:
     """Import the optional mode modules so they register themselves (they may not exist yet)."""
     import importlib
 
-    for module in ("fedveil.secure.sharing", "fedveil.secure.ckks"):
+    for module in ("fedveil.secure.sharing", "fedveil.secure.replicated", "fedveil.secure.ckks"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
