@@ -271,6 +271,8 @@ def _secure(run: dict, rounds: list, events: list) -> None:
     blurb = {
         "none": "Plaintext baseline: updates are sealed to a proxy but not otherwise protected.",
         "secret-sharing": "Additive secret sharing over 64-bit integers: each proxy sees only random-looking shares.",
+        "replicated-sharing": "Replicated secret sharing over 64-bit integers: any 2 proxies finish a round, so one "
+                              "may die; one proxy sees only random-looking shares, two together see updates.",
         "ckks": "CKKS homomorphic encryption: proxies add ciphertexts; the server decrypts only the total.",
     }.get(mode)
     if blurb:

@@ -17,7 +17,8 @@ from typing import Any
 
 from fedveil.platform.errors import FedveilError
 
-SECURE_MODES = ("none", "secret-sharing", "ckks")
+SECURE_MODES = ("none", "secret-sharing", "replicated-sharing", "ckks")
+DEMO_SECURE = "replicated-sharing"  # survives one dead proxy (issue 10)
 SUPERNODE_ADMITTED = "SuperNode ID:"  # what flower-supernode prints once the SuperLink has activated it
 ROUND_MODES = ("sync", "semi-sync", "async")
 
@@ -33,12 +34,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedveil.platform.store import MetricsStore
 
     cfg = config_mod.load(args.config)
+    # Without a config file the demo tolerates one dead proxy: replicated-sharing over 3 proxies
+    # (docs/security.md); an explicit --secure, or --proxies 2, keeps secret-sharing's 2 proxies.
+    secure = args.secure
+    if secure is None and args.config is None:
+        secure = DEMO_SECURE if args.proxies is None or args.proxies >= 3 else "secret-sharing"
+    proxies = args.proxies
+    if proxies is None and args.config is None:
+        proxies = 3 if secure == "replicated-sharing" else 2
     overrides: dict[str, Any] = {
-        "federation.rounds": args.rounds, "federation.secure": args.secure, "federation.mode": args.mode,
+        "federation.rounds": args.rounds, "federation.secure": secure, "federation.mode": args.mode,
         "data.source": args.dataset,
     }
-    if args.proxies is not None:
-        overrides["proxies.names"] = [f"proxy-{i + 1}" for i in range(args.proxies)]
+    if proxies is not None:
+        overrides["proxies.names"] = [f"proxy-{i + 1}" for i in range(proxies)]
+    if args.config is None and secure == "replicated-sharing":  # the demo's own organizations opt in
+        overrides["policy.allow_secure"] = sorted({*cfg.policy.allow_secure, "replicated-sharing"})
     cfg = config_mod.with_overrides(cfg, overrides)
     if args.clients is not None or not cfg.orgs:
         orgs = demo_orgs(args.clients or 3)
@@ -121,7 +132,7 @@ def _demo_keys(args: argparse.Namespace, cfg):
     init_federation_keys(temp.name, cfg.proxies.names, [o.name for o in cfg.orgs], federation=cfg.federation.name,
                          ckks=cfg.federation.secure == "ckks", overwrite=True)
     _say(f"provisioned TLS, SuperNode, proxy{' and CKKS' if cfg.federation.secure == 'ckks' else ''} keys "
-         f"in {temp.name} (removed at exit)")
+         f"in {temp.name}, one directory per role, each node given only its own (single-host; removed at exit)")
     return Path(temp.name), temp
 
 
@@ -285,6 +296,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or f"fedveil-{args.name}").resolve()
     node_config = {"role": "proxy", "name": args.name, "workdir": str(workdir),
                    "min-aggregate": cfg.federation.min_aggregate, "config": str(Path(args.config).resolve())}
+    if args.keys:  # only this proxy's keys
+        from fedveil.platform.provision import check_node_bundle
+
+        check_node_bundle(args.keys, "proxy", args.name)
     return _start_supernode(args, cfg, workdir, node_config)
 
 
@@ -292,16 +307,46 @@ def cmd_client(args: argparse.Namespace) -> int:
     from fedveil.platform import config as config_mod
     from fedveil.clients.node import ClientIdentity, load_datasets
 
-    cfg = config_mod.load(args.config)
+    cfg = config_mod.with_overrides(config_mod.load(args.config), policy_overrides(args))
     workdir = Path(args.workdir or f"fedveil-{args.org}").resolve()
-    node_config = {"role": "client", "name": args.org, "workdir": str(workdir), "config": str(Path(args.config).resolve()),
+    config_path = _org_config(cfg, args, workdir)
+    node_config = {"role": "client", "name": args.org, "workdir": str(workdir), "config": str(config_path),
                    "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
                    "index": args.index, "num-orgs": args.num_orgs}
     # Validate the data now, so a bad file is an error at start-up, not a crash mid-round.
     train, val = load_datasets(ClientIdentity.from_node_config(node_config), cfg)
+    if args.keys:  # only this organization's keys, and the manifest it pinned
+        from fedveil.platform.provision import check_node_bundle
+
+        check_node_bundle(args.keys, "client", args.org, args.manifest_fingerprint)
     _say(f"{args.org}: {len(train.y)} training and {len(val.y)} validation records, "
-         f"{train.num_classes} classes; privacy budget ε={cfg.org_budget(args.org):g}")
+         f"{train.num_classes} classes; privacy budget ε={cfg.policy.budget or cfg.org_budget(args.org):g}")
+    pol = cfg.policy
+    _say(f"{args.org} policy: secure modes {pol.allow_secure}, DP {'required' if pol.require_dp else 'optional'}, "
+         f"δ ≤ {pol.max_delta:g}, σ ≥ {pol.min_noise if pol.min_noise is not None else 'any'}, ε per run ≤ "
+         f"{pol.max_epsilon if pol.max_epsilon is not None else 'budget'}, aggregates ≥ {pol.min_aggregate}, "
+         f"models {pol.allow_models} (tasks asking for less are declined with status `policy`)")
     return _start_supernode(args, cfg, workdir, node_config)
+
+
+POLICY_FLAGS = {"allow_secure": "policy.allow_secure", "require_dp": "policy.require_dp",
+                "max_delta": "policy.max_delta", "min_noise": "policy.min_noise", "max_epsilon": "policy.max_epsilon",
+                "min_aggregate": "policy.min_aggregate", "budget": "policy.budget",
+                "allow_models": "policy.allow_models"}
+
+
+def policy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`fedveil client` policy flags as dotted config overrides (flags not given are left to the file)."""
+    return {key: getattr(args, flag) for flag, key in POLICY_FLAGS.items() if getattr(args, flag, None) is not None}
+
+
+def _org_config(cfg, args: argparse.Namespace, workdir: Path) -> Path:
+    """The org's own config file: --config as it is, or with the policy flags applied, written to its work dir."""
+    if not policy_overrides(args):
+        return Path(args.config).resolve()
+    from fedveil.platform.federation import write_config
+
+    return write_config(cfg, workdir / "org-config.toml").resolve()
 
 
 def _start_supernode(args: argparse.Namespace, cfg, workdir: Path, node_config: dict) -> int:
@@ -426,9 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="federation TOML (defaults are used if omitted)")
     demo.add_argument("--rounds", type=int, help="number of rounds (default: config or 5)")
     demo.add_argument("--clients", type=int, help="number of organizations (default 3)")
-    demo.add_argument("--proxies", type=int, help="number of proxy aggregators (default 2)")
+    demo.add_argument("--proxies", type=int,
+                      help="number of proxy aggregators (default 3 for replicated-sharing, else 2)")
     demo.add_argument("--dataset", help="breast_cancer, digits, wine, mnist (default: breast_cancer)")
-    demo.add_argument("--secure", choices=SECURE_MODES, help="secure aggregation mode")
+    demo.add_argument("--secure", choices=SECURE_MODES,
+                      help="secure aggregation mode (default replicated-sharing: survives one dead proxy)")
     demo.add_argument("--mode", choices=ROUND_MODES, help="round mode")
     demo.add_argument("--workdir", help="where the store, logs and ledgers go (default ./fedveil-demo)")
     demo.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
@@ -465,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="CSV, Parquet or NPZ file, or a built-in dataset name")
             p.add_argument("--index", type=int, default=0, help="partition index for built-in datasets")
             p.add_argument("--num-orgs", type=int, default=1, help="partition count for built-in datasets")
+            p.add_argument("--manifest-fingerprint",
+                           help="refuse to start unless the manifest in --keys has this SHA-256 (checked out of band)")
+            _add_policy_flags(p)
             p.set_defaults(func=cmd_client)
 
     for name, func, helptext in (("export", cmd_export, "print the store as JSON (stable format, docs/export.md)"),
@@ -482,6 +532,22 @@ def build_parser() -> argparse.ArgumentParser:
     dash.set_defaults(func=cmd_dashboard)
     _add_keys_parser(sub)
     return parser
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    """The organization's privacy policy ([policy] in its own config); each flag overrides that key."""
+    g = p.add_argument_group("privacy policy (what this organization accepts from the server; default: its config)")
+    g.add_argument("--allow-secure", action="append", choices=SECURE_MODES, metavar="MODE",
+                   help="a secure mode this organization accepts (repeat; default secret-sharing and ckks)")
+    g.add_argument("--require-dp", action=argparse.BooleanOptionalAction, default=None,
+                   help="decline tasks without DP-SGD (default: yes)")
+    g.add_argument("--max-delta", type=float, help="largest δ a task may ask for (default 1e-5)")
+    g.add_argument("--min-noise", type=float, help="smallest noise multiplier σ a task may train with (default 0.5)")
+    g.add_argument("--max-epsilon", type=float, help="largest ε one run may spend (default: only the budget)")
+    g.add_argument("--min-aggregate", type=int, help="smallest aggregate a task may announce (default 2)")
+    g.add_argument("--budget", type=float, help="ε budget over all runs on this data")
+    g.add_argument("--allow-models", action="append", metavar="MODEL",
+                   help="a model this node may build: mlp, cnn or 'package.module:factory' (repeat; default mlp, cnn)")
 
 
 def _add_keys_parser(sub) -> None:
