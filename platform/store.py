@@ -51,6 +51,8 @@ rounds = sa.Table(
     sa.Column("combine_seconds", sa.Float, nullable=False, default=0.0),
     sa.Column("finish_seconds", sa.Float, nullable=False, default=0.0),
     sa.Column("buffer_fill_seconds", sa.Float),
+    sa.Column("server_accuracy", sa.Float),  # the server's score on the public held-out set ([evaluation])
+    sa.Column("server_loss", sa.Float),
     sa.Column("extra", sa.Text, nullable=False, default="{}"),
 )
 
@@ -122,6 +124,35 @@ def _enable_sqlite_wal(engine: sa.Engine) -> None:
         cur.close()
 
 
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Stores written by an older release lack newer nullable columns: add them (create_all does not)."""
+    inspector = sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have and col.nullable and not col.primary_key:
+                    kind = col.type.compile(dialect=engine.dialect)
+                    conn.execute(sa.text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}'))
+
+
+def _run_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """What the export says about a run's privacy and evaluation, from its stored config."""
+    try:
+        cfg = json.loads(run.get("config") or "{}")
+    except ValueError:
+        cfg = {}
+    private = bool(cfg.get("privacy", {}).get("enabled", True))
+    source = str(cfg.get("evaluation", {}).get("source", "none")).strip()
+    if source.lower() == "auto":
+        from fedveil.platform.data import builtin_key
+
+        source = "builtin-test" if builtin_key(run.get("dataset") or "") else "none"
+    return {"private": private, "evaluation_source": None if source.lower() == "none" else source}
+
+
 def _rows(result: Iterable[Any]) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in result]
 
@@ -138,6 +169,7 @@ class MetricsStore:
             _enable_sqlite_wal(self.engine)
         if create:
             metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
 
     @classmethod
     def open_readonly(cls, url: str) -> "MetricsStore":
@@ -280,6 +312,9 @@ class MetricsStore:
                     "finished_at": run["finished_at"],
                     "model_version": max((r["model_version"] for r in round_rows if r["participants"] > 0), default=0),
                     "updates": sum(1 for c in client_rows if c["status"] == "ok"),
+                    **_run_settings(run),
+                    "epsilon_as_of": "each organization's last reply in this run (clients[].epsilon_as_of_round); "
+                                     "its own ledger is authoritative: `fedveil client ledger`",
                     "rounds": [
                         {
                             "round": r["round"],
@@ -291,6 +326,8 @@ class MetricsStore:
                             "bytes_up": r["bytes_up"],
                             "buffer_fill_seconds": r["buffer_fill_seconds"],
                             "staleness": sorted(staleness.get(int(r["round"]), [])),
+                            "server_accuracy": r["server_accuracy"],
+                            "server_loss": r["server_loss"],
                         }
                         for r in round_rows
                     ],
@@ -302,6 +339,7 @@ class MetricsStore:
                             "budget": c["budget"],
                             "status": c["status"],
                             "rounds": sum(1 for x in client_rows if x["org"] == c["org"] and x["status"] == "ok"),
+                            "epsilon_as_of_round": c["round"],
                         }
                         for c in self.latest_client_status(run["id"])
                     ],

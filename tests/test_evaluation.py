@@ -1,0 +1,123 @@
+"""Server-side evaluation on the public held-out split, checkpoints per run, and the training knobs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedveil.aggregator import checkpoint
+from fedveil.aggregator.optimizers import ServerOptimizer
+from fedveil.clients.training import scheduled_lr, task_round
+from fedveil.platform import config as config_mod
+from fedveil.platform.federation import demo_orgs
+
+from conftest import run_federation
+
+
+def plain_config(**overrides):
+    values = {
+        "federation.rounds": 2, "federation.round_timeout": 60, "federation.secure": "none",
+        "federation.name": "evalfed", "data.source": "digits", "training.epochs": 1, "training.batch_size": 64,
+        "training.lr": 0.1, "privacy.enabled": False, "evaluation.source": "builtin-test",
+        "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(3)],
+        # the test organizations opt in to a plaintext, DP-off run (their default policy declines it)
+        "policy.allow_secure": ["none", "secret-sharing", "ckks"], "policy.require_dp": False,
+    }
+    values.update(overrides)
+    return config_mod.with_overrides(config_mod.FedveilConfig(), values)
+
+
+def _independent_accuracy(weights: np.ndarray) -> tuple[float, float]:
+    """The held-out score computed without fedveil's engine: sklearn's digits, the fixed split, plain torch."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fedveil.platform.data import SKLEARN_TEST_FRACTION, SKLEARN_TEST_SEED
+
+    X, y = load_digits(return_X_y=True)
+    _, te = train_test_split(np.arange(len(y)), test_size=SKLEARN_TEST_FRACTION, stratify=y,
+                             random_state=SKLEARN_TEST_SEED)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    sizes = [p.numel() for p in net.state_dict().values()]
+    chunks = np.split(weights, np.cumsum(sizes)[:-1])
+    net.load_state_dict({k: torch.tensor(c.reshape(v.shape), dtype=torch.float32)
+                         for (k, v), c in zip(net.state_dict().items(), chunks)})
+    with torch.no_grad():
+        out = net(torch.tensor(X[te] / 16.0, dtype=torch.float32))
+        target = torch.tensor(y[te])
+        correct = int((out.argmax(1) == target).sum())
+        return correct / len(te), float(torch.nn.functional.cross_entropy(out, target))
+
+
+def test_server_evaluation_equals_an_independent_computation(tmp_path):
+    fed, store, _ = run_federation(tmp_path, plain_config())
+    rounds = store.rounds("r1")
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        saved = checkpoint.load_round(fed.checkpoint_dir, r["round"])
+        acc, loss = _independent_accuracy(saved.weights)
+        assert r["server_accuracy"] == pytest.approx(acc, abs=1e-9)
+        assert r["server_loss"] == pytest.approx(loss, rel=1e-4)
+    assert rounds[-1]["server_accuracy"] > 0.5  # a trained model, not chance (0.1)
+    np.testing.assert_array_equal(checkpoint.load_round(fed.checkpoint_dir, 2).weights, fed.weights)
+    # the export reports both accuracies, named apart, and says the run was not private
+    run = store.export()["runs"][0]
+    assert run["private"] is False and run["evaluation_source"] == "builtin-test"
+    assert run["rounds"][1]["server_accuracy"] == rounds[1]["server_accuracy"]
+    assert "accuracy" in run["rounds"][1] and all("epsilon_as_of_round" in c for c in run["clients"])
+
+
+def test_checkpoints_are_kept_per_run_with_best_and_last(tmp_path):
+    fed1, _, _ = run_federation(tmp_path, plain_config(**{"federation.rounds": 1}), "run-a")
+    fed2, store, _ = run_federation(tmp_path, plain_config(**{"federation.rounds": 2}), "run-b")
+    assert fed1.checkpoint_dir != fed2.checkpoint_dir
+    np.testing.assert_array_equal(checkpoint.load(fed1.checkpoint_dir).weights, fed1.weights)  # not overwritten
+    assert checkpoint.saved_rounds(fed2.checkpoint_dir) == [1, 2]
+    best, metric = checkpoint.best_round(fed2.checkpoint_dir)
+    accs = {r["round"]: r["server_accuracy"] for r in store.rounds("run-b")}
+    assert metric == "server_accuracy" and accs[best] == max(accs.values())
+    info = checkpoint.model_info(fed2.checkpoint_dir)
+    assert info["model"] == "mlp" and info["input_shape"] == [64] and info["num_classes"] == 10
+    # the federation's directory resolves to its newest run (resume under a new run id)
+    assert checkpoint.load(fed2.checkpoint_dir.parent).round == 2
+
+
+def test_evaluation_off_and_auto():
+    cfg = plain_config(**{"evaluation.source": "auto"})
+    assert cfg.evaluation.resolved("digits") == "builtin-test"
+    assert cfg.evaluation.resolved("/data/org.csv") == ""
+    assert plain_config(**{"evaluation.source": "none"}).evaluation.resolved("digits") == ""
+
+
+def test_lr_schedules():
+    assert scheduled_lr(0.5, "constant", 7, 10) == 0.5
+    cos = [scheduled_lr(1.0, "cosine", r, 4, lr_min=0.1) for r in range(1, 5)]
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] > 0.1
+    assert cos[2] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert [scheduled_lr(1.0, "step", r, 6, step_rounds=2, gamma=0.1) for r in (1, 2, 3, 5)] == \
+        pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert task_round("fed-1:round-12") == 12 and task_round("fed-1:async-3") is None
+    assert scheduled_lr(1.0, "cosine", None, 4) == 1.0  # async: no round, no schedule
+
+
+def test_server_momentum_is_fedavgm():
+    opt = ServerOptimizer("fedavg", lr=0.5, momentum=0.9)
+    d1, d2 = np.array([1.0, -1.0]), np.array([0.0, 2.0])
+    w1 = opt.step(np.zeros(2), d1)
+    np.testing.assert_allclose(w1, 0.5 * d1)
+    np.testing.assert_allclose(opt.step(w1, d2), w1 + 0.5 * (0.9 * d1 + d2))
+    again = ServerOptimizer("fedavg", lr=0.5, momentum=0.9)
+    again.load_state(opt.state())
+    np.testing.assert_array_equal(again.m, opt.m)
+
+
+def test_momentum_and_weight_decay_reach_the_optimizer():
+    from fedveil.clients.training import TrainSettings, _make_optimizer
+
+    opt = _make_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainSettings(momentum=0.0, weight_decay=1e-3))
+    assert opt.param_groups[0]["momentum"] == 0.0 and opt.param_groups[0]["weight_decay"] == 1e-3
+    cfg = plain_config(**{"training.momentum": 0.5})
+    assert cfg.training.momentum == 0.5 and config_mod.FedveilConfig().training.momentum == 0.9
