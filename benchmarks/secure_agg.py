@@ -87,5 +87,63 @@ def main() -> None:
             )
 
 
+def replicated_section(sizes: list[int], clients: int) -> None:
+    """replicated-sharing (3 proxies, one may die) against secret-sharing (2 proxies) and float32 plaintext.
+
+    Proxy time is the slowest proxy (they combine in parallel); "1 dead" finishes from 2 of 3 partials.
+    """
+    from fedveil.secure.replicated import ReplicatedSharingMode
+
+    proxies = [f"proxy-{i}" for i in range(3)]
+    pairs = {p: generate_x25519_keypair() for p in proxies}
+    ck = ClientKeyring({p: pk for p, (_, pk) in pairs.items()})
+    pks = {p: ProxyKeyring(p, sk) for p, (sk, _) in pairs.items()}
+    rng = np.random.default_rng(1)
+    print(f"\nreplicated-sharing: {clients} clients; ratios against float32 plaintext and 2-proxy secret-sharing, same run")
+    print("| values | mode | proxies | bytes/client | x float32 | x secret-sharing | client protect s | slowest proxy s |"
+          " server finish s | finish x secret-sharing | max abs err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for L in sizes:
+        n = rng.integers(100, 1000, size=clients)
+        vectors = {f"org-{i:02d}": rng.uniform(-1, 1, L) * n[i] for i in range(clients)}
+        expected = np.sum(list(vectors.values()), axis=0)
+        rows = []
+        for label, mode, used, alive in (("none (float32)", PlaintextMode(), proxies[:1], proxies[:1]),
+                                         ("secret-sharing", SecretSharingMode(), proxies[:2], proxies[:2]),
+                                         ("replicated-sharing", ReplicatedSharingMode(), proxies, proxies),
+                                         ("replicated-sharing, 1 dead", ReplicatedSharingMode(), proxies, proxies[:2])):
+            b = Binding("bench", f"rep-{label}-{L}-{time.perf_counter_ns()}", "", "", mode.name, L)
+            by_proxy: dict[str, dict[str, bytes]] = {}
+            t0 = time.perf_counter()
+            for cid, v in vectors.items():
+                for p, blob in mode.protect(v, used, replace(b, client_id=cid), ck).items():
+                    by_proxy.setdefault(p, {})[cid] = blob
+            t_client = (time.perf_counter() - t0) / clients
+            sent = sum(len(x) for d in by_proxy.values() for x in d.values()) / clients
+            partials, t_proxy = [], 0.0
+            for p in alive:
+                t0 = time.perf_counter()
+                partials.append(mode.combine(by_proxy[p], b, pks[p], 2).partial)
+                t_proxy = max(t_proxy, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            total = mode.finish(partials, L, ServerKeyring())
+            rows.append((label, len(alive), sent, t_client, t_proxy, time.perf_counter() - t0,
+                         float(np.max(np.abs(total - expected)))))
+        ss = rows[1]
+        for label, k, sent, tc, tp, tf, err in rows:
+            print(f"| {L:,} | {label} | {k} | {sent / 1e6:.2f} MB | {sent / (4 * L):.2f} | {sent / ss[2]:.2f} | {tc:.3f} | "
+                  f"{tp:.3f} | {tf:.4f} | {tf / ss[5]:.1f} | {err:.1e} |", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--replicated-only" in sys.argv:  # just the replicated-sharing section (no CKKS contexts)
+        sys.argv.remove("--replicated-only")
+        _args = argparse.ArgumentParser()
+        _args.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+        _args.add_argument("--clients", type=int, default=10)
+        _ns, _ = _args.parse_known_args()
+        replicated_section(_ns.sizes, _ns.clients)
+    else:
+        main()

@@ -199,10 +199,9 @@ class ReplicatedSharingMode:
                 shares[label] = prg_share(seed, length)
                 off += SEED_BYTES
             elif kind == _KIND_SHARE:
-                body = bytes(data[off : off + 8 * length])
-                if len(body) != 8 * length:
-                    raise ValueError(f"wrong length: explicit share has {len(body) // 8} values, expected {length}")
-                shares[label] = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+                if len(data) - off < 8 * length:
+                    raise ValueError(f"wrong length: explicit share has {(len(data) - off) // 8} values, expected {length}")
+                shares[label] = np.frombuffer(data, dtype="<u8", offset=off, count=length)  # a view, no copy
                 off += 8 * length
             else:
                 raise ValueError(f"unknown share kind {kind}")
