@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where the store, logs and ledgers go (default ./fedveil-demo)")
     demo.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     demo.add_argument("--port", type=int, help="dashboard port (default: a free port)")
-    demo.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    demo.add_argument("--timeout", type=float, default=None,
+                      help="give up after this many seconds (default: none; the run ends when its rounds do)")
     demo.add_argument("--keys", help="use bundles from `fedveil keys init` instead of fresh temporary ones")
     demo.add_argument("--insecure", action="store_true",
                       help="no TLS, no SuperNode authentication (only with --secure none)")
@@ -531,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--host", default="127.0.0.1")
     dash.set_defaults(func=cmd_dashboard)
     _add_keys_parser(sub)
+    _add_model_parser(sub)
     return parser
 
 
@@ -550,6 +552,109 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    help="a model this node may build: mlp, cnn or 'package.module:factory' (repeat; default mlp, cnn)")
 
 
+# ---- models you can take away, and an organization's own ledger -------------------------------
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from fedveil.platform.model_io import export_model
+
+    info = export_model(args.workdir, args.out, args.format, run=args.run, which=args.round)
+    _say(f"wrote {args.out} ({args.format}): run {info['run_id']}, round {info['round']} ({info['selected']}), "
+         f"model {info['model']} input {tuple(info['input_shape'])} -> {info['num_classes']} classes")
+    _say(f"inputs must be scaled as in training: {info['input_scaling']}; description in {args.out}.json")
+    return 0
+
+
+def cmd_model_evaluate(args: argparse.Namespace) -> int:
+    from fedveil.platform.model_io import evaluate_model
+
+    result = evaluate_model(args.model, args.data, label_column=args.label_column)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _say(f"{args.model} on {args.data} ({result['split']}, {result['rows']} rows): "
+             f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+    return 0
+
+
+def _add_model_parser(sub) -> None:
+    from fedveil.platform.model_io import FORMATS
+
+    model = sub.add_parser("model", help="export a run's global model, or score an exported model")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    exp = msub.add_parser("export", help="write a checkpoint as a file plain PyTorch / ONNX Runtime loads")
+    exp.add_argument("--workdir", default="fedveil-demo", help="the server's or demo's work dir (holds checkpoints/)")
+    exp.add_argument("--run", help="run id (default: the newest run with checkpoints)")
+    exp.add_argument("--round", default="last", help="N, best (by held-out accuracy, else client validation) or last")
+    exp.add_argument("--format", choices=FORMATS, default="torchscript")
+    exp.add_argument("--out", required=True, help="file to write (a description goes to FILE.json)")
+    exp.set_defaults(func=cmd_model_export)
+    ev = msub.add_parser("evaluate", help="score an exported model on a data file or a builtin's test split")
+    ev.add_argument("--model", required=True, help="a file written by `fedveil model export`")
+    ev.add_argument("--data", required=True, help="a .csv/.parquet/.npz file, or a builtin name (its test split)")
+    ev.add_argument("--label-column", default="label", help="label column of a CSV/Parquet file")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(func=cmd_model_evaluate)
+
+
+def _client_ledger_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedveil client ledger",
+                                     description="show an organization its own privacy ledger (authoritative ε)")
+    parser.add_argument("--debug", action="store_true", help="show stack traces for unexpected errors")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", help="the organization's work dir (holds privacy-ledger.db); a demo work dir "
+                       "shows every organization's")
+    where.add_argument("--ledger", help="path of a privacy-ledger.db")
+    parser.set_defaults(func=cmd_client_ledger)
+    return parser
+
+
+def _ledger_summary(path: Path) -> dict[str, Any]:
+    """Per dataset of a ledger: charges, runs, and ε recomputed over all of them at the charges' δ."""
+    import sqlite3
+    from contextlib import closing
+
+    from fedveil.clients.ledger import PrivacyLedger
+
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            org = con.execute("SELECT value FROM meta WHERE key='org'").fetchone()[0]
+    except (sqlite3.DatabaseError, TypeError) as exc:
+        raise FedveilError(f"{path} is not a fedveil privacy ledger ({exc})",
+                           "pass the privacy-ledger.db of an organization's work dir") from None
+    ledger = PrivacyLedger(path, org)
+    datasets = []
+    for dataset in ledger.datasets():
+        rows = ledger.history(dataset)
+        delta = min(float(r["delta"]) for r in rows)  # the strictest δ any charge was made at
+        accountant = str(rows[-1]["accountant"])
+        datasets.append({"dataset": dataset, "entries": len(rows), "runs": len({r["run_id"] for r in rows}),
+                         "delta": delta, "accountant": accountant,
+                         "epsilon": ledger.epsilon(dataset, delta, accountant)})
+    return {"org": org, "datasets": datasets}
+
+
+def cmd_client_ledger(args: argparse.Namespace) -> int:
+    ledger_summary = _ledger_summary
+
+    if args.ledger:
+        paths = [Path(args.ledger)]
+    else:
+        root = Path(args.workdir or ".")
+        paths = [root / "privacy-ledger.db"] if (root / "privacy-ledger.db").exists() else \
+            sorted(root.glob("orgs/*/privacy-ledger.db"))
+    if not paths or not all(p.is_file() for p in paths):
+        raise FedveilError(f"no privacy ledger at {paths[0] if paths else Path(args.workdir or '.')}",
+                           "pass the organization's --workdir (it holds privacy-ledger.db) or --ledger PATH")
+    for path in paths:
+        summary = ledger_summary(path)
+        _say(f"{summary['org']}: ledger {path}")
+        if not summary["datasets"]:
+            _say("  no charges yet (ε = 0 on every dataset)")
+        for d in summary["datasets"]:
+            _say(f"  dataset {d['dataset']}: {d['entries']} charge(s) over {d['runs']} run(s), "
+                 f"ε = {d['epsilon']:.3f} at δ = {d['delta']:g} ({d['accountant']})")
+    return 0
+
+
 def _add_keys_parser(sub) -> None:
     try:
         from fedveil.platform.provision import add_keys_parser
@@ -564,8 +669,13 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["client", "ledger"]:  # `fedveil client` runs a node; `client ledger` only reads its ledger
+        parser = _client_ledger_parser()
+        args = parser.parse_args(argv[2:])
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return int(args.func(args) or 0)

@@ -13,6 +13,13 @@ Directory layout (``KEYDIR``, e.g. what `fedveil keys init` writes)::
 Clients get ``manifest.json`` and ``ckks/public.ctx``; each proxy gets its own ``proxies/<id>/``
 plus ``ckks/public.ctx``; the server gets ``server/ckks_secret.ctx``. Loading a private file that
 is readable by group or others raises `SecurityError` (like ssh does).
+
+Key custody (see `fedveil.platform.provision`): each proxy creates its own X25519 key on its own
+host; the operator builds the manifest from public keys only. The manifest may also record the
+SHA-256 of the CA certificate and of the CKKS public context, so that one fingerprint, checked
+out of band (`manifest_fingerprint`, the SHA-256 of the file, same as `sha256sum`), authenticates
+everything an organization receives; `load_client_keyring` refuses a manifest that does not
+match a pinned fingerprint, and a CKKS public context that does not match the manifest.
 """
 
 from __future__ import annotations
@@ -110,15 +117,20 @@ def write_ckks_context(
     return sp, pp
 
 
-def write_manifest(key_dir: str | os.PathLike, proxy_public_keys: dict[str, bytes], ckks_public: bool = True) -> Path:
-    """Write KEYDIR/manifest.json with every proxy's public key (what clients receive out of band)."""
+def write_manifest(key_dir: str | os.PathLike, proxy_public_keys: dict[str, bytes], ckks_public: bool = True,
+                   extra: dict | None = None) -> Path:
+    """Write KEYDIR/manifest.json with every proxy's public key (what clients receive out of band).
+
+    `extra` adds fields such as "federation", "ca_sha256" and "ckks_public_context_sha256" (version 2).
+    """
     doc = {
-        "version": 1,
+        "version": 2 if extra else 1,
         "proxies": {
             pid: {"public_key": base64.b64encode(pk).decode(), "fingerprint": fingerprint(pk)}
             for pid, pk in sorted(proxy_public_keys.items())
         },
         "ckks_public_context": str(CKKS_PUBLIC) if ckks_public else None,
+        **(extra or {}),
     }
     path = Path(key_dir) / MANIFEST
     _write(path, json.dumps(doc, indent=2).encode(), False, True)
@@ -141,6 +153,38 @@ def init_keys(
     return write_manifest(key_dir, pks, ckks)
 
 
+def sha256_hex(data: bytes) -> str:
+    """Full SHA-256 of some bytes, as hex: what `sha256sum` prints, for out-of-band checks."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_fingerprint(manifest_path: str | os.PathLike) -> str:
+    """The manifest's fingerprint: SHA-256 of the file's bytes (equal to `sha256sum manifest.json`)."""
+    path = Path(manifest_path)
+    if not path.exists():
+        raise SecurityError(f"key manifest {path} does not exist.", FIX)
+    return sha256_hex(path.read_bytes())
+
+
+def check_manifest_fingerprint(manifest_path: str | os.PathLike, expected: str) -> str:
+    """Refuse a manifest whose fingerprint is not the one checked out of band; returns the fingerprint."""
+    got = manifest_fingerprint(manifest_path)
+    want = (expected or "").strip().lower().replace(":", "").replace(" ", "")
+    if got != want:
+        raise SecurityError(
+            f"key manifest {manifest_path} has fingerprint {got}, not the pinned {want or '(empty)'}: it was changed "
+            "after the operator published it, or the fingerprint was mistyped.",
+            "compare `fedveil keys fingerprint manifest.json` with the operator by phone or in person, and use the "
+            "manifest the operator published; never take proxy keys from an unchecked manifest")
+    return got
+
+
+def manifest_document(manifest_path: str | os.PathLike) -> dict:
+    """The parsed manifest (validated by `read_manifest`)."""
+    read_manifest(manifest_path)
+    return json.loads(Path(manifest_path).read_text())
+
+
 def read_manifest(manifest_path: str | os.PathLike) -> dict[str, bytes]:
     """{proxy_id: raw public key} from a manifest; rejects malformed entries."""
     path = Path(manifest_path)
@@ -158,10 +202,22 @@ def read_manifest(manifest_path: str | os.PathLike) -> dict[str, bytes]:
     return keys
 
 
-def load_client_keyring(manifest_path: str | os.PathLike, ckks_public_path: str | os.PathLike | None = None) -> ClientKeyring:
-    """What a client needs: proxies' public keys from the manifest and (optionally) the CKKS public context."""
+def load_client_keyring(manifest_path: str | os.PathLike, ckks_public_path: str | os.PathLike | None = None,
+                        pinned_fingerprint: str | None = None) -> ClientKeyring:
+    """What a client needs: proxies' public keys from the manifest and (optionally) the CKKS public context.
+
+    With `pinned_fingerprint` the manifest must match it; a CKKS public context must match the
+    SHA-256 the manifest records for it (so the pin covers the context too).
+    """
+    if pinned_fingerprint is not None:
+        check_manifest_fingerprint(manifest_path, pinned_fingerprint)
+    keys = read_manifest(manifest_path)
     ctx = Path(ckks_public_path).read_bytes() if ckks_public_path else None
-    return ClientKeyring(proxy_public_keys=read_manifest(manifest_path), ckks_public_context=ctx)
+    want = json.loads(Path(manifest_path).read_text()).get("ckks_public_context_sha256")
+    if ctx is not None and want and sha256_hex(ctx) != want:
+        raise SecurityError(f"CKKS public context {ckks_public_path} does not match the manifest's SHA-256 {want}.",
+                            "install the context from the operator's handout again (`fedveil keys install`)")
+    return ClientKeyring(proxy_public_keys=keys, ckks_public_context=ctx)
 
 
 def load_proxy_keyring(
