@@ -53,3 +53,28 @@ def test_init_keys_with_ckks(tmp_path):
     sk = keys.load_server_keyring(tmp_path / keys.CKKS_SECRET)
     assert stat.S_IMODE((tmp_path / keys.CKKS_SECRET).stat().st_mode) == 0o600
     assert len(sk.ckks_secret_context) > len(ck.ckks_public_context)
+
+
+def test_manifest_fingerprint_is_sha256_of_the_file_and_pinning_refuses_a_change(tmp_path):
+    import hashlib
+
+    pk = keys.write_proxy_keypair(tmp_path, "p1")
+    manifest = keys.write_manifest(tmp_path, {"p1": pk}, ckks_public=False, extra={"federation": "t"})
+    fp = keys.manifest_fingerprint(manifest)
+    assert fp == hashlib.sha256(manifest.read_bytes()).hexdigest()  # what `sha256sum manifest.json` prints
+    assert json.loads(manifest.read_text())["version"] == 2
+    assert keys.load_client_keyring(manifest, pinned_fingerprint=fp.upper()).proxy_public_keys == {"p1": pk}
+    manifest.write_text(manifest.read_text().replace('"t"', '"u"'))
+    with pytest.raises(SecurityError, match="not the pinned"):
+        keys.load_client_keyring(manifest, pinned_fingerprint=fp)
+
+
+def test_ckks_public_context_must_match_the_manifest(tmp_path):
+    ctx = tmp_path / "public.ctx"
+    ctx.write_bytes(b"the operator's public context")
+    pk = keys.write_proxy_keypair(tmp_path, "p1")
+    manifest = keys.write_manifest(tmp_path, {"p1": pk}, extra={"ckks_public_context_sha256": keys.sha256_hex(ctx.read_bytes())})
+    assert keys.load_client_keyring(manifest, ctx).ckks_public_context == ctx.read_bytes()
+    ctx.write_bytes(b"a context whose secret key someone else holds")
+    with pytest.raises(SecurityError, match="does not match the manifest"):
+        keys.load_client_keyring(manifest, ctx)
