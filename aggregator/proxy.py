@@ -1,7 +1,17 @@
 """The proxy role: open the payloads addressed to this proxy, enforce the guards, and combine.
 
-A proxy runs every message in a fresh process (Flower cold-starts the ClientApp), so the replay
-guard lives in SQLite in the proxy's work dir: an envelope opens at most once, ever.
+Everything in an aggregate task comes from the server, which may deviate (DESIGN §2), so the proxy
+takes from it only what it can check, and decides the rest from its own config (`--config`):
+  * weights: never from the server. A sync round carries none; in async and semi-sync-carry the
+    server sends each client's staleness s_i and the proxy computes alpha(s_i) itself
+    (`fedveil.secure.staleness`), refusing s_i outside [0, async.max_staleness], so no client's
+    weight falls below the floor alpha(max_staleness). A task that carries `weights` is refused.
+  * mode options (fixed-point bits, clip, CKKS max_clients): from the proxy's config.
+  * once per update: a client's update for one train task goes into at most one aggregate,
+    whatever aggregate id the server chooses. (run, train task, client) is claimed durably on
+    combine, next to every envelope id and the aggregate id.
+A proxy may run every message in a fresh process, so the replay guard lives in SQLite in the
+proxy's work dir: an envelope opens at most once, ever.
 """
 
 from __future__ import annotations
@@ -10,9 +20,13 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from fedveil.secure.modes import AggregationRefused, Binding, CombineResult, ProxyKeyring, get_mode
+from fedveil.secure.staleness import staleness_weights
+
+if TYPE_CHECKING:
+    from fedveil.platform.config import FedveilConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +35,7 @@ class ProxyIdentity:
     workdir: Path
     keys_dir: str
     min_aggregate: int = 2  # this proxy's own floor; a server cannot lower it
+    config: str = ""  # this proxy's own federation TOML; without one, the defaults (sync rounds, no weights)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "ProxyIdentity":
@@ -30,17 +45,31 @@ class ProxyIdentity:
             workdir=Path(str(node_config.get("workdir", "")) or f"fedveil-{name}"),
             keys_dir=str(node_config.get("keys", "")),
             min_aggregate=int(node_config.get("min-aggregate", 2)),
+            config=str(node_config.get("config", "")),
         )
+
+    def own_config(self) -> "FedveilConfig":
+        """The proxy's own config: it decides weights and encoding options, never the server's task."""
+        from fedveil.platform import config as config_mod
+
+        return config_mod.load(self.config or None)
 
 
 class SqliteReplayGuard:
-    """Durable set of opened envelope ids; `claim` is atomic, so a replay is refused across restarts."""
+    """Durable claims, each atomic, so a replay is refused across restarts.
+
+    `claim` takes envelope and aggregate ids; `claim_updates` takes (run, train task, client), the
+    identity of one client update, so that no update enters two aggregates of this proxy.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS opened (id BLOB PRIMARY KEY, ts REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS combined (run_id TEXT NOT NULL, train_task TEXT NOT NULL, "
+                         "client TEXT NOT NULL, aggregate TEXT NOT NULL, ts REAL NOT NULL, "
+                         "PRIMARY KEY (run_id, train_task, client))")
 
     def claim(self, envelope_id: bytes) -> bool:
         try:
@@ -48,6 +77,35 @@ class SqliteReplayGuard:
             return True
         except sqlite3.IntegrityError:
             return False
+
+    def combined_in(self, run_id: str, updates: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """{(train task, client): aggregate id} for the updates already combined by this proxy."""
+        out = {}
+        for train_task, client in updates:
+            row = self._db.execute("SELECT aggregate FROM combined WHERE run_id = ? AND train_task = ? AND client = ?",
+                                   (run_id, train_task, client)).fetchone()
+            if row is not None:
+                out[(train_task, client)] = row[0]
+        return out
+
+    def claim_updates(self, run_id: str, aggregate_id: str, updates: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """Claim every (train task, client) for `aggregate_id` in one transaction; on any conflict claim none
+        and return the conflicts ({update: aggregate id that holds it})."""
+        updates = list(updates)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            taken = self.combined_in(run_id, updates)
+            if taken:
+                self._db.execute("ROLLBACK")
+                return taken
+            now = time.time()
+            self._db.executemany("INSERT INTO combined (run_id, train_task, client, aggregate, ts) VALUES (?, ?, ?, ?, ?)",
+                                 [(run_id, t, c, aggregate_id, now) for t, c in updates])
+            self._db.execute("COMMIT")
+            return {}
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -62,17 +120,64 @@ def proxy_keyring(identity: ProxyIdentity) -> ProxyKeyring:
     return load_proxy_keyring_dir(identity.keys_dir, identity.name)
 
 
+def _train_tasks(payloads: Mapping[str, bytes], task_id: str, task_ids: Mapping[str, str] | None) -> dict[str, str]:
+    """The train task each client's payload answers (its own in async buffers, else the aggregate's)."""
+    return {cid: str((task_ids or {}).get(cid, task_id)) for cid in payloads}
+
+
+def screen(identity: ProxyIdentity, cfg: "FedveilConfig", guard: SqliteReplayGuard, payloads: Mapping[str, bytes], *,
+           run_id: str, task_id: str, staleness: Mapping[str, Any] | None = None,
+           task_ids: Mapping[str, str] | None = None) -> tuple[dict[str, float] | None, dict[str, str]]:
+    """(weights this proxy applies, or None for the unweighted sum; {client: reason} refused before opening).
+
+    Raises AggregationRefused when the request itself breaks this proxy's config (staleness sent for a
+    sync round). Claims nothing, so `validate` and `aggregate` screen alike.
+    """
+    rejected: dict[str, str] = {}
+    weights: dict[str, float] | None = None
+    if cfg.staleness_weighted():
+        weights, rejected = staleness_weights(dict(staleness or {}), sorted(payloads), cfg.async_)
+        if all(w == 1.0 for w in weights.values()):
+            weights = None  # the exact unweighted path
+    elif staleness is not None:
+        raise AggregationRefused(
+            f"proxy {identity.name}: its config runs {cfg.federation.mode} rounds (late_replies = "
+            f"{cfg.federation.late_replies!r}), which carry no per-client weights; a task that sends staleness is "
+            "refused (clients already weight their updates by n_i)")
+    tasks = _train_tasks(payloads, task_id, task_ids)
+    for (train_task, cid), aggregate_id in guard.combined_in(run_id, ((tasks[c], c) for c in sorted(payloads))).items():
+        rejected[cid] = (f"its update for train task {train_task} was already combined by this proxy (aggregate "
+                         f"{aggregate_id}); a client update enters at most one aggregate")
+    return weights, rejected
+
+
+def _refuse_server_weights(identity: ProxyIdentity, task: Mapping[str, Any]) -> None:
+    if task.get("weights") is not None:
+        raise AggregationRefused(
+            f"proxy {identity.name}: the task carries per-client weights, which a proxy never takes from the server "
+            "(they could isolate one client); send each client's staleness and the proxy computes the weights from "
+            "its own [async] config")
+
+
 def validate(identity: ProxyIdentity, payloads: Mapping[str, bytes], *, run_id: str, task_id: str, mode: str,
-             length: int, options: Mapping[str, Any] | None = None,
-             task_ids: Mapping[str, str] | None = None) -> dict[str, str]:
-    """{client: reason} for payloads this proxy would reject; opens nothing for good, releases nothing."""
-    secure_mode = get_mode(mode, **dict(options or {}))
+             length: int, task_ids: Mapping[str, str] | None = None,
+             staleness: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """{client: reason} for payloads this proxy would reject; opens nothing for good, claims and releases nothing."""
+    cfg = identity.own_config()
+    guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
+    try:
+        _, rejected = screen(identity, cfg, guard, payloads, run_id=run_id, task_id=task_id, staleness=staleness,
+                             task_ids=task_ids)
+    finally:
+        guard.close()
+    secure_mode = get_mode(mode, **cfg.secure_options())
     check = getattr(secure_mode, "validate", None)
     if check is None:
-        return {}
+        return rejected
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
     extra = {"task_ids": dict(task_ids)} if task_ids else {}
-    return dict(check(payloads, binding, proxy_keyring(identity), **extra))
+    rest = {cid: blob for cid, blob in payloads.items() if cid not in rejected}
+    return {**rejected, **dict(check(rest, binding, proxy_keyring(identity), **extra))}
 
 
 def aggregate(
@@ -84,31 +189,55 @@ def aggregate(
     mode: str,
     length: int,
     min_aggregate: int,
-    weights: Mapping[str, float] | None = None,
-    options: Mapping[str, Any] | None = None,
+    staleness: Mapping[str, Any] | None = None,
     task_ids: Mapping[str, str] | None = None,
 ) -> CombineResult:
     """Combine one task's payloads, once. Raises AggregationRefused below `min_aggregate` distinct clients.
 
-    A task is combined at most once: re-combining a subset of the same task would let a server
-    subtract two aggregates and isolate one client. An async buffer flush is its own aggregate task;
-    `task_ids` then names the train task each client's payload is bound to, and the replay guard
-    still opens every envelope at most once, so no payload can enter two aggregates.
+    A task is combined at most once, and so is each client update: re-combining a subset, or a
+    re-sealed update of the same train task under a new aggregate id, would let a server subtract
+    two aggregates and isolate one client. `task_ids` names the train task each client's payload
+    is bound to (async buffers); `staleness` gives each client's versions behind, from which this
+    proxy computes the weights with its own config.
     """
+    cfg = identity.own_config()
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
     guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
     try:
         if not guard.claim(f"task:{run_id}:{task_id}".encode()):
             raise AggregationRefused(f"task {task_id} was already aggregated by this proxy; a task is combined once")
+        weights, rejected = screen(identity, cfg, guard, payloads, run_id=run_id, task_id=task_id,
+                                   staleness=staleness, task_ids=task_ids)
         extra = {"task_ids": dict(task_ids)} if task_ids else {}
-        return get_mode(mode, **dict(options or {})).combine(
-            payloads,
-            binding,
-            proxy_keyring(identity),
-            max(min_aggregate, identity.min_aggregate),
-            weights=weights,
-            replay_guard=guard,
-            **extra,
-        )
+        floor = max(min_aggregate, identity.min_aggregate)
+        try:
+            result = get_mode(mode, **cfg.secure_options()).combine(
+                {cid: blob for cid, blob in payloads.items() if cid not in rejected}, binding,
+                proxy_keyring(identity), floor, weights=weights, replay_guard=guard, **extra)
+        except AggregationRefused as exc:
+            raise AggregationRefused(f"{exc}" + (f" (refused before opening: {rejected})" if rejected else "")) from None
+        tasks = _train_tasks(payloads, task_id, task_ids)
+        taken = guard.claim_updates(run_id, task_id, [(tasks[cid], cid) for cid in result.included])
+        if taken:  # another aggregate claimed one of them meanwhile: release nothing
+            raise AggregationRefused(f"client update(s) {sorted(taken)} were combined meanwhile in another aggregate "
+                                     f"({sorted(set(taken.values()))}); nothing is released")
+        result.rejected = {**rejected, **result.rejected}
+        return result
     finally:
         guard.close()
+
+
+def validate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]) -> dict[str, str]:
+    """`validate` for a server's task as it arrives (the dict the server sent)."""
+    _refuse_server_weights(identity, task)
+    return validate(identity, payloads, run_id=str(task["run_id"]), task_id=str(task["task_id"]), mode=str(task["mode"]),
+                    length=int(task["length"]), task_ids=task.get("task_ids"), staleness=task.get("staleness"))
+
+
+def aggregate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]) -> CombineResult:
+    """`aggregate` for a server's task as it arrives: everything in `task` is the server's choice."""
+    _refuse_server_weights(identity, task)
+    return aggregate(identity, payloads, run_id=str(task["run_id"]), task_id=str(task["task_id"]),
+                     mode=str(task["mode"]), length=int(task["length"]), min_aggregate=int(task["min_aggregate"]),
+                     staleness=task.get("staleness"), task_ids=task.get("task_ids"))
+

@@ -6,14 +6,11 @@ user what is wrong *and* how to fix it. Carrying the fix as a field keeps every 
 
 from __future__ import annotations
 
+# The base type and the security errors live in the bottom layer (secure/ imports nothing above it);
+# re-exported here so every role catches one FedveilError.
+from fedveil.secure.errors import FedveilError, RangeError, SecurityError
 
-class FedveilError(Exception):
-    """An expected, user-facing failure: `problem` says what went wrong, `fix` what to do."""
-
-    def __init__(self, problem: str, fix: str = "") -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}" + (f" Fix: {fix}" if fix else ""))
+__all__ = ["FedveilError", "SecurityError", "RangeError", "ConfigError", "DataError", "BudgetExhausted"]
 
 
 class ConfigError(FedveilError):
@@ -26,7 +23,3 @@ class DataError(FedveilError):
 
 class BudgetExhausted(FedveilError):
     """Training one more round would exceed the organization's privacy budget."""
-
-
-class SecurityError(FedveilError):
-    """A payload failed a cryptographic or protocol check (tampered, replayed, wrong key...)."""

@@ -109,7 +109,7 @@ class LocalFederation:
         for name in self.cfg.proxies.names:
             self._supernode(f"proxy-{name}", {
                 "role": "proxy", "name": name, "workdir": str(self.workdir / "proxies" / name),
-                "min-aggregate": self.cfg.federation.min_aggregate,
+                "min-aggregate": self.cfg.federation.min_aggregate, "config": str(self.config_path),
             })
         for i, org in enumerate(self.cfg.orgs):
             self._supernode(f"client-{org.name}", {

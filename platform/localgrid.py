@@ -127,7 +127,7 @@ def grid_for_config(cfg, workdir: Path, *, delays: dict[str, float | Callable[[M
     nodes: dict[int, LocalNode] = {}
     for i, name in enumerate(cfg.proxies.names):
         nc: dict[str, Any] = {"role": "proxy", "name": name, "workdir": str(workdir / "proxies" / name),
-                              "min-aggregate": cfg.federation.min_aggregate}
+                              "min-aggregate": cfg.federation.min_aggregate, "config": str(config_path)}
         if keys_dir is not None:
             nc["keys"] = str(keys_dir / name)
         nodes[1 + i] = LocalNode(nc, delay=delays.get(name, 0.0), dead=name in dead)

@@ -93,13 +93,20 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 @guarded("client")
 def train(msg: Message, context: Context) -> Message:
+    """One train task. A resent (run_id, task_id) gets the stored reply, byte for byte, without training;
+    new work is checked against the org's policy, trained, protected, then charged and stored in one
+    transaction (clients/node.py `release`) before anything leaves."""
     from fedveil.clients import knobs as knobs_mod
-    from fedveil.clients.node import ClientIdentity, check_protection_ready, protect, train_task
+    from fedveil.clients.node import ClientIdentity, answered_before, protect, release, train_task
 
     identity = ClientIdentity.from_node_config(dict(context.node_config))
     task = _task(msg)
+    run_id, task_id = str(task["run_id"]), str(task["task_id"])
+    stored = answered_before(identity, run_id, task_id)
+    if stored is not None:
+        return _reply(msg, stored.status, stored.info, metrics=stored.metrics,
+                      blobs=stored.blobs if stored.status == wire.OK else None)
     federation = _federation(msg)
-    check_protection_ready(identity, federation, task["proxies"])
     cache = _state_cache(context)
     arrays = wire.record_weights(msg.content.array_records["global"])
     knobs = _experiment_knobs(identity, federation)
@@ -108,18 +115,19 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, wire.DROPPED, {"org": identity.org, "message": f"{identity.org} abandoned the task "
                                           "(experiment knob orgs.dropout)"})
     busy = time.perf_counter()
-    outcome = train_task(identity, federation, arrays, task["run_id"], task["task_id"], cache)
+    outcome = train_task(identity, federation, arrays, run_id, task_id, cache, proxies=task["proxies"])
     _save_state_cache(context, cache)
-    blobs = None
-    if outcome.status == wire.OK and outcome.vector is not None:
-        start = time.perf_counter()
-        blobs = protect(identity, federation, outcome.vector, task["proxies"], task["run_id"], task["task_id"],
-                        str(context.node_id))
-        outcome.metrics["protect_seconds"] = time.perf_counter() - start
-        outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
+    if outcome.status != wire.OK or outcome.vector is None:
+        return _reply(msg, outcome.status, outcome.info, metrics=outcome.metrics)
+    start = time.perf_counter()
+    blobs = protect(identity, federation, outcome.vector, task["proxies"], run_id, task_id, str(context.node_id))
+    outcome.metrics["protect_seconds"] = time.perf_counter() - start
+    outcome.metrics["bytes_up"] = float(sum(len(b) for b in blobs.values()))
     if knobs is not None:
         outcome.metrics["injected_seconds"] = knobs_mod.slow_down(knobs, time.perf_counter() - busy)
-    return _reply(msg, outcome.status, outcome.info, metrics=outcome.metrics, blobs=blobs)
+    final = release(identity, outcome, blobs, run_id, task_id)
+    return _reply(msg, final.status, final.info, metrics=final.metrics,
+                  blobs=final.blobs if final.status == wire.OK else None)
 
 
 def _experiment_knobs(identity, federation):
@@ -127,7 +135,7 @@ def _experiment_knobs(identity, federation):
     from fedveil.clients import knobs as knobs_mod
     from fedveil.clients.node import local_config
 
-    cfg = local_config(identity, federation) if identity.local_config else federation
+    cfg = local_config(identity) if identity.local_config else federation
     knobs = knobs_mod.knobs_for(cfg, identity.org)
     return knobs if knobs.active else None
 
@@ -146,32 +154,28 @@ def evaluate(msg: Message, context: Context) -> Message:
 @guarded("proxy")
 def validate(msg: Message, context: Context) -> Message:
     """Check payloads without opening them for good, so all proxies can agree on one client set."""
-    from fedveil.aggregator.proxy import ProxyIdentity, validate as proxy_validate
+    from fedveil.aggregator.proxy import ProxyIdentity, validate_task
+    from fedveil.secure.modes import AggregationRefused
 
-    task = _task(msg)
-    rejected = proxy_validate(ProxyIdentity.from_node_config(dict(context.node_config)),
-                              wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
-                              task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
-                              options=task.get("options", {}), task_ids=task.get("task_ids"))
+    try:
+        rejected = validate_task(ProxyIdentity.from_node_config(dict(context.node_config)), _task(msg),
+                                 wire.record_blobs(msg.content.array_records["payloads"]))
+    except AggregationRefused as exc:
+        return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})
     return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected})
 
 
 @app.query("aggregate")
 @guarded("proxy")
 def aggregate(msg: Message, context: Context) -> Message:
-    from fedveil.aggregator.proxy import ProxyIdentity, aggregate as proxy_aggregate
+    from fedveil.aggregator.proxy import ProxyIdentity, aggregate_task
     from fedveil.secure.modes import AggregationRefused
 
-    task = _task(msg)
     start = time.perf_counter()
     try:
-        result = proxy_aggregate(
-            ProxyIdentity.from_node_config(dict(context.node_config)),
-            wire.record_blobs(msg.content.array_records["payloads"]), run_id=task["run_id"],
-            task_id=task["task_id"], mode=task["mode"], length=int(task["length"]),
-            min_aggregate=int(task["min_aggregate"]), weights=task.get("weights"), options=task.get("options", {}),
-            task_ids=task.get("task_ids"),
-        )
+        # the proxy takes weights and encoding options from its own config, never from the task
+        result = aggregate_task(ProxyIdentity.from_node_config(dict(context.node_config)), _task(msg),
+                                wire.record_blobs(msg.content.array_records["payloads"]))
     except AggregationRefused as exc:
         return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})
     info = {"role": "proxy", "name": _name(context), "included": result.included, "rejected": result.rejected}

@@ -17,6 +17,12 @@ standard, SEAL enforces it). Precision: the lowest-level modulus q0 ~ 2^60 holds
 so the *aggregate* must stay below 2^(60-1-40) = 2^19 = 524288 in absolute value per coordinate
 (`max_total`); fresh-encryption noise is ~1e-9 per client, i.e. ~1e-7 after 100 clients.
 
+Range. A total beyond max_total wraps modulo q0 and decrypts to a plausible wrong number (two
+clients at 300,000 gave -448,576). So each client's values must stay below max_total /
+`secure.max_clients` (checked in `protect`), a proxy combines at most `max_clients` clients, and
+`finish` refuses to decrypt when the clients it holds could exceed the range at the ciphertexts'
+final scale (e.g. weights applied at the lowest level grow the scale by 2^weight_bits).
+
 Weights. With all weights equal the proxy sums first and multiplies once. A multiplication by a
 real weight w at the lowest level uses w quantized to `weight_bits` fractional bits (scale grows by
 2^weight_bits, which costs that many bits of the range above); ciphertexts sent with spare levels
@@ -37,7 +43,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedveil.platform.errors import SecurityError
+from fedveil.secure.errors import RangeError, SecurityError
 from fedveil.secure.envelope import open_envelope, seal
 from fedveil.secure.modes import (
     AggregationRefused,
@@ -57,6 +63,8 @@ NAME = "ckks"
 # Largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org standard, ternary secret).
 MAX_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
 KEYS_FIX = "run `fedveil keys init` to provision the CKKS contexts and give each party its own key files"
+RANGE_FIX = ("set secure.max_clients (in every party's config) to the most clients one aggregate really holds, e.g. "
+             "the number of organizations: each client's values must stay below max_total / secure.max_clients")
 
 _CT_MAGIC = b"FVC1"
 _CT_HDR = struct.Struct("<4sIBBd4Q")  # magic, N, n_primes, size, scale, parms_id
@@ -139,8 +147,13 @@ class _Runtime:
         return head[3], head[4]
 
     def max_total(self) -> float:
-        q0 = self.levels[-1][1][0]
-        return 2.0 ** (q0.bit_length() - 1) / self.scale
+        """|value| a fresh ciphertext holds at the lowest level: 2^(bits(q0) - 1) / scale."""
+        return self.capacity(self.levels[-1][1], self.scale)
+
+    @staticmethod
+    def capacity(primes: Sequence[int], scale: float) -> float:
+        """|value| a ciphertext over `primes` at `scale` holds without wrapping (same convention as max_total)."""
+        return 2.0 ** (math.prod(primes).bit_length() - 1) / float(scale)
 
     # ciphertext <-> compact bytes -------------------------------------------------------------
     def ct_to_bytes(self, ct) -> bytes:
@@ -307,13 +320,19 @@ class CKKSMode:
 
     name = NAME
 
-    def __init__(self, min_aggregate: int = 2, weight_bits: int = 8, spare_levels: int = 0) -> None:
+    def __init__(self, min_aggregate: int = 2, weight_bits: int = 8, spare_levels: int = 0,
+                 max_clients: int = 256) -> None:
         self.min_aggregate = int(min_aggregate)
+        self.max_clients = max(1, int(max_clients))
         self.weight_bits = int(weight_bits)
         self.spare_levels = int(spare_levels)
 
     def assign(self, client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
         return balanced_groups(client_ids, proxy_ids, min_aggregate)
+
+    def client_bound(self, rt: "_Runtime") -> float:
+        """Largest |value| one client may send: max_total / max_clients, so no total of max_clients can wrap."""
+        return rt.max_total() / self.max_clients
 
     def effective_weight(self, w: float) -> float:
         """The weight the proxies apply: exact (2^-40 scale) with a spare level, else on a 2^-weight_bits grid."""
@@ -336,11 +355,12 @@ class CKKSMode:
         rt = _runtime(keys.ckks_public_context)
         if rt.encryptor is None:
             raise SecurityError("CKKS context has no public key.", KEYS_FIX)
-        limit = rt.max_total()
+        limit = self.client_bound(rt)
         if x.size and np.max(np.abs(x)) >= limit:
-            raise ValueError(
-                f"update value {np.max(np.abs(x)):.3g} exceeds the CKKS range {limit:.3g}; "
-                "lower secure.clip_range or use a larger first prime / smaller scale"
+            raise RangeError(
+                f"update value {np.max(np.abs(x)):.3g} exceeds the CKKS per-client range max_total / "
+                f"secure.max_clients = {rt.max_total():.3g} / {self.max_clients} = {limit:.3g}, so a total could wrap.",
+                RANGE_FIX,
             )
         cts = rt.encrypt_reals(x, self.spare_levels)
         body = [_PAYLOAD_HDR.pack(_PAYLOAD_MAGIC, x.size, len(cts))] + [rt.ct_to_bytes(c) for c in cts]
@@ -403,6 +423,12 @@ class CKKSMode:
                 rejected[cid] = "ciphertexts at a different level than the other clients'"
                 del opened[cid]
         included = sorted(opened)
+        if len(included) > self.max_clients:
+            raise AggregationRefused(
+                f"{len(included)} clients exceed secure.max_clients={self.max_clients}: their total could leave the "
+                "CKKS range and decrypt to a wrong model; raise secure.max_clients (every party's config) or "
+                "aggregate fewer clients"
+            )
         if len(included) < max(min_aggregate, 1):
             raise AggregationRefused(
                 f"only {len(included)} valid client payload(s); this proxy aggregates at least {min_aggregate}"
@@ -453,6 +479,9 @@ class CKKSMode:
             seen.update(ids)
         if len(seen) < self.min_aggregate:
             raise AggregationRefused(f"total holds {len(seen)} client(s), fewer than min_aggregate={self.min_aggregate}")
+        if len(seen) > self.max_clients:
+            raise RangeError(f"the partials hold {len(seen)} clients, more than secure.max_clients={self.max_clients}; "
+                             "their total could have wrapped, so the server refuses to decrypt it.", RANGE_FIX)
         all_cts = [_partial_cts(rt, p, off) for p, (_, _, off) in zip(partials, headers)]
         n_ct = len(all_cts[0])
         if any(len(c) != n_ct for c in all_cts) or n_ct != max(1, math.ceil(length / rt.n)):
@@ -461,6 +490,7 @@ class CKKSMode:
         order = [p for p, _ in rt.levels]
         deepest = max(order.index(list(ct.parms_id())) for ct in flat)
         rt.align(flat, order[deepest], max(ct.scale for ct in flat))
+        self._check_range(rt, len(seen), rt.levels[deepest][1], flat[0].scale)
         out = []
         for k in range(n_ct):
             acc = all_cts[0][k]
@@ -471,6 +501,23 @@ class CKKSMode:
         if not np.all(np.isfinite(total)):
             raise ValueError("decrypted aggregate is not finite")
         return total
+
+
+    def _check_range(self, rt: "_Runtime", clients: int, primes: Sequence[int], scale: float) -> None:
+        """Refuse a total that could exceed what the ciphertexts represent at their final level and scale.
+
+        Each client sent |x| < client_bound and every weight is <= 1, so |total| < clients * client_bound.
+        """
+        capacity = rt.capacity(primes, scale)
+        worst = clients * self.client_bound(rt)
+        if worst > capacity:
+            raise RangeError(
+                f"a total of {clients} clients could reach {worst:.3g}, beyond the {capacity:.3g} the ciphertexts hold "
+                f"at scale 2^{math.log2(scale):.0f} (weights applied at the lowest level grow the scale), so it could "
+                "decrypt to a wrong model.",
+                "weight with a spare level (async and semi-sync-carry configs send one: secure option "
+                "spare_levels=1), or " + RANGE_FIX,
+            )
 
 
 # -- partials ------------------------------------------------------------------------------------

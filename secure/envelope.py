@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedveil.platform.errors import SecurityError
+from fedveil.secure.errors import SecurityError
 from fedveil.secure.modes import Binding, ReplayGuard
 
 VERSION = 1

@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fedveil.platform.errors import SecurityError
+from fedveil.secure.errors import SecurityError
 from fedveil.secure import fixedpoint
 from fedveil.secure.envelope import open_envelope, seal
 from fedveil.secure.modes import (

@@ -12,12 +12,12 @@ import time
 import numpy as np
 import pytest
 
-from fedveil.aggregator.async_engine import staleness_weight
 from fedveil.aggregator.engine import Federation
 from fedveil.platform import config as config_mod
 from fedveil.platform.errors import ConfigError
 from fedveil.platform.store import MetricsStore
 from fedveil.secure.modes import applied_weight
+from fedveil.secure.staleness import staleness_weight
 from tests.conftest import make_local_federation
 from tests.test_sync_rounds import small_config
 
@@ -47,14 +47,14 @@ def start(tmp_path, cfg, delays=None, keys_dir=None, run_id="a1"):
 
 
 def spy_aggregates(fed):
-    """Record every aggregate: the weights sent to the proxies, the contributions, the result, the model."""
+    """Record every aggregate: the staleness sent to the proxies, the contributions, the result, the model."""
     seen = []
     original = fed._aggregate
 
-    def spy(rnd, task_id, contributions, weights=None):
+    def spy(rnd, task_id, contributions, staleness=None):
         before = fed.weights.copy()
-        out = original(rnd, task_id, contributions, weights)
-        seen.append({"contributions": contributions, "weights": weights, "total": out[0], "included": out[1],
+        out = original(rnd, task_id, contributions, staleness)
+        seen.append({"contributions": contributions, "staleness": staleness, "total": out[0], "included": out[1],
                      "before": before, "task_id": task_id})
         return out
 
@@ -120,13 +120,13 @@ def test_staleness_weights_are_applied_exactly_and_recorded(tmp_path):
         stal = {cid: row["model_version"] - 1 - extra["base_versions"][c[cid]["name"]] for cid in agg["included"]}
         alpha = {cid: (1 + s) ** -0.5 for cid, s in stal.items()}
         stale_seen |= any(s > 0 for s in stal.values())
-        vec = {cid: np.frombuffer(next(iter(c[cid]["payloads"].values())), dtype=np.float64) for cid in stal}
+        vec = {cid: np.frombuffer(next(iter(c[cid]["payloads"].values())), dtype="<f4").astype(np.float64) for cid in stal}
         expected = agg["before"] + 0.8 * sum(alpha[k] * vec[k] for k in stal) / sum(alpha[k] * c[k]["n"] for k in stal)
         after = seen[seen.index(agg) + 1]["before"] if agg is not seen[-1] else fed.weights
         np.testing.assert_allclose(after, expected, rtol=0, atol=1e-12)
         assert sorted(stal.values()) == extra["staleness"]
-        if agg["weights"] is not None:
-            assert agg["weights"] == {k: alpha[k] for k in stal}
+        # the server sent each client's staleness, never a weight; the proxies applied alpha(s) (checked above)
+        assert {k: agg["staleness"][k] for k in stal} == stal
     assert stale_seen, "the slow clients should have produced stale updates"
     assert [r["model_version"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["buffer_fill_seconds"] is not None and r["buffer_fill_seconds"] >= 0 for r in rows)
@@ -234,11 +234,10 @@ def test_secure_aggregate_with_staleness_weights_equals_plaintext_weighted_avera
     for agg, row in zip(seen, store.rounds("a1")):
         assert agg["total"] is not None
         c, inc = agg["contributions"], agg["included"]
-        w = agg["weights"] or {cid: 1.0 for cid in c}
         base = json.loads(row["extra"])["base_versions"]
         alpha = {k: (1 + row["model_version"] - 1 - base[c[k]["name"]]) ** -0.5 for k in inc}
         weighted += any(a != 1.0 for a in alpha.values())
-        assert all(w[k] == applied_weight(fed.mode, alpha[k]) for k in inc)
+        w = {k: applied_weight(fed.mode, alpha[k]) for k in inc}  # what the proxies' own configs give
         plain = {k: vectors[(k, c[k]["task_id"])] for k in inc}
         expected_total = sum(w[k] * plain[k] for k in inc)
         assert np.max(np.abs(agg["total"] - expected_total)) < 1e-6 * max(1.0, np.max(np.abs(expected_total)))
@@ -276,14 +275,13 @@ def test_semi_sync_carries_a_late_reply_with_its_staleness_weight(tmp_path):
     assert len(seen) == 2
     first, second = seen
     names1 = {first["contributions"][c]["name"] for c in first["included"]}
-    assert names1 == {"hospital-a", "hospital-b", "hospital-c"} and first["weights"] is None
+    assert names1 == {"hospital-a", "hospital-b", "hospital-c"} and set(first["staleness"].values()) == {0}
     d = next(cid for cid in second["included"] if second["contributions"][cid]["name"] == "hospital-d")
     assert second["contributions"][d]["task_id"].endswith("round-1")
-    assert second["weights"][d] == pytest.approx(2 ** -0.5, abs=0)
-    assert all(w == 1.0 for cid, w in second["weights"].items() if cid != d)
+    assert second["staleness"][d] == 1 and all(s == 0 for cid, s in second["staleness"].items() if cid != d)
     c = second["contributions"]
-    vec = {cid: np.frombuffer(next(iter(c[cid]["payloads"].values())), dtype=np.float64) for cid in second["included"]}
-    w = second["weights"]
+    vec = {cid: np.frombuffer(next(iter(c[cid]["payloads"].values())), dtype="<f4").astype(np.float64) for cid in second["included"]}
+    w = {cid: 2 ** -0.5 if cid == d else 1.0 for cid in vec}  # alpha(1) = (1+1)^-1/2, applied by the proxies
     expected = second["before"] + sum(w[k] * vec[k] for k in vec) / sum(w[k] * c[k]["n"] for k in vec)
     np.testing.assert_allclose(fed.weights, expected, rtol=0, atol=1e-12)
     rows = {(r["round"], r["org"]): r for r in store.client_rounds("a1") if r["status"] == "ok"}

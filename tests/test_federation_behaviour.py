@@ -62,8 +62,9 @@ def test_nan_update_is_rejected_and_the_round_goes_on(tmp_path, monkeypatch):
 
 def test_proxy_rejects_non_finite_and_wrong_length_payloads_and_refuses_a_single_client(tmp_path):
     ident = ProxyIdentity(name="proxy-1", workdir=tmp_path, keys_dir="", min_aggregate=2)
-    good = np.ones(4).tobytes()
-    payloads = {"1": good, "2": good, "3": np.array([1, np.nan, 0, 0]).tobytes(), "4": np.ones(3).tobytes()}
+    good = np.ones(4, dtype="<f4").tobytes()  # `none` sends float32, as Flower does
+    payloads = {"1": good, "2": good, "3": np.array([1, np.nan, 0, 0], dtype="<f4").tobytes(),
+                "4": np.ones(3, dtype="<f4").tobytes()}
     result = aggregate(ident, payloads, run_id="r", task_id="t", mode="none", length=4, min_aggregate=2)
     assert result.included == ["1", "2"]
     assert set(result.rejected) == {"3", "4"}

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedveil.platform.errors import SecurityError
+from fedveil.secure.errors import RangeError, SecurityError
 from fedveil.secure.ckks import (
     CKKSMode,
     check_params,
@@ -76,15 +76,20 @@ def test_packs_across_layers_and_bytes(fed):
 
 
 def test_weights_quantized_at_lowest_level(fed):
-    mode = CKKSMode()
+    """Weights at the lowest level grow the scale by 2^8, so the range shrinks 256x: the per-client bound
+    max_total / max_clients must leave room for it (max_clients 1024 for 4 clients), else finish refuses."""
+    mode = CKKSMode(max_clients=1024)
     rng = np.random.default_rng(3)
     L = 1000
     vectors = {f"c{i}": rng.uniform(-1, 1, L) * 50 for i in range(4)}
     w = {f"c{i}": 1 / (1 + i) for i in range(4)}
     results, _ = run_round(mode, vectors, fed, binding(L, "tw"), 2, weights=w)
-    total = mode.finish([r.partial for r in results], L, fed[2])
+    partials = [r.partial for r in results]
+    total = mode.finish(partials, L, fed[2])
     expected = sum(effective_weight(w[c], mode.weight_bits) * v for c, v in vectors.items())
     assert np.max(np.abs(total - expected)) < 1e-6
+    with pytest.raises(RangeError, match="secure.max_clients"):  # the default bound cannot prove the total fits
+        CKKSMode().finish(partials, L, fed[2])
 
 
 def test_weights_exact_with_spare_level(fed):
@@ -133,8 +138,35 @@ def test_out_of_range_value_refused(fed):
     mode = CKKSMode()
     lim = max_total(fed[3])
     assert lim == 2.0**19
-    with pytest.raises(ValueError, match="CKKS range"):
+    with pytest.raises(RangeError, match="secure.max_clients"):
         mode.protect(np.array([lim * 2]), ["proxy-a"], replace(binding(1), client_id="c"), fed[0])
+
+
+def test_total_overflow_is_refused_not_decrypted_wrong(fed):
+    """Defect 6: two clients at 300,000 used to decrypt silently to -448,576 (the total wrapped mod q0).
+
+    Each client is now bounded by max_total / secure.max_clients, a proxy combines at most max_clients
+    clients, and finish refuses more: a total can no longer leave the range unnoticed.
+    """
+    ck, pks, sk, public = fed
+    L = 4
+    two = CKKSMode(max_clients=2)  # per-client bound 2^19 / 2 = 262,144
+    with pytest.raises(RangeError, match=r"max_total / secure.max_clients .* 2\.62e\+05"):
+        two.protect(np.full(L, 300_000.0), ["proxy-a"], replace(binding(L, "ov"), client_id="c0"), ck)
+    # the honest path at the edge of the bound: 2 clients just below it decrypt exactly, near max_total
+    results, _ = run_round(two, {f"c{i}": np.full(L, 262_000.0) for i in range(2)}, fed, binding(L, "ov-ok"), 2)
+    np.testing.assert_allclose(two.finish([r.partial for r in results], L, sk), np.full(L, 524_000.0), atol=1e-3)
+    # a proxy refuses to combine more clients than its max_clients, whatever their values
+    three = {f"c{i}": two.protect(np.ones(L), ["proxy-a"], replace(binding(L, "ov3"), client_id=f"c{i}"), ck)["proxy-a"]
+             for i in range(3)}
+    with pytest.raises(AggregationRefused, match="secure.max_clients=2"):
+        two.combine(three, binding(L, "ov3"), pks["proxy-a"], 2)
+    # and the server refuses to decrypt partials holding more than max_clients clients in total
+    wide = CKKSMode(max_clients=3)
+    partial = wide.combine(three, binding(L, "ov3"), pks["proxy-a"], 2).partial
+    with pytest.raises(RangeError, match="more than secure.max_clients=2"):
+        two.finish([partial], L, sk)
+    np.testing.assert_allclose(wide.finish([partial], L, sk), np.full(L, 3.0), atol=1e-6)
 
 
 def test_missing_keys(fed):

@@ -19,6 +19,9 @@ def small_config(**overrides):
         "data.source": "breast_cancer", "training.epochs": 1, "training.batch_size": 32, "training.lr": 0.1,
         "privacy.noise_multiplier": 1.0, "privacy.budget": 50.0,
         "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(3)],
+        # The test organizations opt in to the plaintext, DP-off baselines these tests compare against
+        # (an org's default policy declines both; tests/test_org_policy.py plays that).
+        "policy.allow_secure": ["none", "secret-sharing", "ckks"], "policy.require_dp": False,
     }
     values.update(overrides)
     return config_mod.with_overrides(base, values)
@@ -74,7 +77,7 @@ def test_global_update_equals_weighted_fedavg_of_client_updates(tmp_path):
     fed._collect_train_replies = spy
     assert fed.run_round(1)
     grid.shutdown()
-    vectors = {cid: np.frombuffer(next(iter(c["payloads"].values())), dtype=np.float64) for cid, c in seen.items()}
+    vectors = {cid: np.frombuffer(next(iter(c["payloads"].values())), dtype="<f4").astype(np.float64) for cid, c in seen.items()}
     n = {cid: c["n"] for cid, c in seen.items()}
     expected = w0 + sum(vectors.values()) / sum(n.values())
     np.testing.assert_allclose(fed.weights, expected, rtol=0, atol=1e-12)
