@@ -49,6 +49,8 @@ def base_config(mode: str, rounds: int) -> config_mod.FedveilConfig:
         "async.buffer_size": 6, "async.concurrency": 0, "async.staleness": "polynomial",
         "async.staleness_exponent": 0.5, "async.max_staleness": 16, "async.server_lr": 1.0,
         "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(8)],
+        # the benchmark's organizations opt in to the plaintext, DP-off baseline (their default policy declines it)
+        "policy.allow_secure": ["none", "secret-sharing", "ckks"], "policy.require_dp": False,
     }
     if mode == "semi-sync":
         # deadline a little past the fast clients' time; late (slow) replies carry into the next round

@@ -27,6 +27,7 @@ def run_mode(mode: str, rounds: int, hidden: list[int], root: Path) -> dict:
     cfg = config_mod.with_overrides(config_mod.FedveilConfig(), {
         "federation.secure": mode, "federation.rounds": rounds, "model.hidden": hidden,
         "privacy.budget": 1e6, "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(3)],
+        "policy.allow_secure": ["none", "secret-sharing", "ckks"],  # the orgs opt in to the plaintext baseline
     })
     keys = init_federation_keys(root / f"keys-{mode}", cfg.proxies.names, [o.name for o in cfg.orgs],
                                 ckks=mode == "ckks")
