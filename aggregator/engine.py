@@ -113,6 +113,7 @@ class Federation:
                                          cfg.server.tau, cfg.server.momentum)
         self.rng = random.Random(cfg.federation.seed)
         self.roster = Roster()
+        self.assignment: dict[str, list[str]] = {}  # this round's client id -> proxies it must address
         self.like: list[np.ndarray] = []
         self.weights = np.zeros(0)
 
@@ -293,7 +294,8 @@ class Federation:
             for n in sampled
         ]
         answers = exchange(self.grid, msgs, timeout=fed.round_timeout)
-        contributions = self._collect_train_replies(rnd, sampled, answers, assignment)
+        self.assignment = assignment
+        contributions = self._collect_train_replies(rnd, sampled, answers)
         self._record_previous_round_accuracy(rnd, answers)
 
         if len(contributions) < fed.min_clients:
@@ -317,11 +319,11 @@ class Federation:
         self._record_round(rnd, started, participants=len(included), stats=stats)
         return True
 
-    def _collect_train_replies(self, rnd: int, sampled: list[Node], answers: dict[int, Message],
-                               assignment: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    def _collect_train_replies(self, rnd: int, sampled: list[Node], answers: dict[int, Message]) -> dict[str, dict]:
         """Record every sampled client's outcome; return the usable contributions by client id.
 
-        `assignment` is the proxies each client was told to protect for; a reply must address exactly those."""
+        `self.assignment` holds the proxies each client was told to protect for this round; a reply
+        must address exactly those."""
         contributions: dict[str, dict] = {}
         for node in sampled:
             reply = answers.get(node.node_id)
@@ -331,7 +333,7 @@ class Federation:
                            level="warn", source=node.name, round=rnd)
                 self.store.record_client_round(self.run_id, rnd, node.name, "dropped", node_id=str(node.node_id))
                 continue
-            parsed = self.read_train_reply(rnd, node, reply, (assignment or {}).get(str(node.node_id), []))
+            parsed = self.read_train_reply(rnd, node, reply, self.assignment.get(str(node.node_id), []))
             if parsed is None:
                 continue
             status, info, metrics = parsed.status, parsed.info, parsed.metrics

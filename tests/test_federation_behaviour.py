@@ -113,3 +113,80 @@ def test_adaptive_server_optimizers_follow_reddi_et_al(kind):
 def test_fedavg_server_step_is_plain_averaging():
     opt = ServerOptimizer("fedavg", lr=1.0)
     np.testing.assert_array_equal(opt.step(np.ones(2), np.array([0.5, -1.0])), np.array([1.5, 0.0]))
+
+
+# ---- a client sending garbage costs only its own update (issue 10, item 1) ------------------------
+def _rename_payload(content):
+    from fedveil.platform import messages as wire
+
+    blobs = wire.record_blobs(content["payloads"])
+    del content["payloads"]
+    content["payloads"] = wire.blobs_record({"proxy-9": blob for blob in blobs.values()})
+
+
+def _set_metric(key, value):
+    return lambda content: content["metrics"].__setitem__(key, value)
+
+
+def _set_status(text):
+    return lambda content: content["status"].__setitem__("json", text)
+
+
+BAD_INPUTS = {
+    "num_samples=nan": (_set_metric("num_samples", float("nan")), "metrics.num_samples"),
+    "num_samples=inf": (_set_metric("num_samples", float("inf")), "metrics.num_samples"),
+    "num_samples=-1000": (_set_metric("num_samples", -1000.0), "metrics.num_samples"),
+    "num_samples=1e12": (_set_metric("num_samples", 1e12), "metrics.num_samples"),
+    "status is a list": (_set_status('["ok"]'), "status.json"),
+    "status does not parse": (_set_status('{"status": "ok"'), "status.json"),
+    "steps=1e300": (_set_metric("steps", 1e300), "metrics.steps"),
+    "unknown proxy": (_rename_payload, "payloads"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_INPUTS))
+def test_a_bad_reply_costs_only_its_own_update(tmp_path, monkeypatch, bad):
+    """hospital-b's train reply is mangled after its ClientApp built it; the run completes without it."""
+    import fedveil.platform.nodeapp as nodeapp
+
+    mutate, field = BAD_INPUTS[bad]
+    real_app = nodeapp.app
+
+    def lying_app(msg, context):
+        reply = real_app(msg, context)
+        if context.node_config.get("name") == "hospital-b" and msg.metadata.message_type == "train":
+            mutate(reply.content)
+        return reply
+
+    monkeypatch.setattr(nodeapp, "app", lying_app)
+    cfg = small_config(**{"federation.rounds": 1})
+    fed, store, _ = run_federation(tmp_path, cfg, "r1")
+    assert store.get_run("r1")["status"] == "completed"
+    assert [r["participants"] for r in store.rounds("r1")] == [2]
+    assert np.all(np.isfinite(fed.weights))
+    assert [r["status"] for r in store.client_rounds("r1") if r["org"] == "hospital-b"] == ["rejected"]
+    (event,) = [e for e in store.events("r1") if e["kind"] == "rejected"]
+    assert event["source"] == "hospital-b" and field in event["message"], event["message"]
+
+
+def test_a_sample_count_beyond_the_tolerance_is_refused_and_within_it_accepted(tmp_path, monkeypatch):
+    """n_i may shrink by federation.num_samples_tolerance of what the org declared at hello, never grow."""
+    import fedveil.platform.nodeapp as nodeapp
+
+    real_app = nodeapp.app
+
+    def shrinking_app(msg, context):
+        reply = real_app(msg, context)
+        if msg.metadata.message_type == "train" and "metrics" in reply.content:
+            n = reply.content["metrics"]["num_samples"]
+            factor = {"hospital-a": 0.95, "hospital-b": 0.5}.get(context.node_config.get("name"), 1.0)
+            reply.content["metrics"]["num_samples"] = float(int(n * factor))
+        return reply
+
+    monkeypatch.setattr(nodeapp, "app", shrinking_app)
+    cfg = small_config(**{"federation.rounds": 1, "federation.num_samples_tolerance": 0.1})
+    _, store, _ = run_federation(tmp_path, cfg, "r1")
+    status = {r["org"]: r["status"] for r in store.client_rounds("r1")}
+    assert status == {"hospital-a": "ok", "hospital-b": "rejected", "hospital-c": "ok"}
+    (event,) = [e for e in store.events("r1") if e["kind"] == "rejected"]
+    assert "num_samples_tolerance" in event["message"] and "declared at hello" in event["message"]

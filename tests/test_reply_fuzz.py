@@ -393,11 +393,11 @@ def test_a_rounds_collection_step_keeps_good_updates_and_records_each_bad_one(tm
     fed = _federation(tmp_path)
     rng = random.Random(SEED + 7)
     sampled = [fed.roster.clients[int(cid)] for cid in SENT]
-    assignment = {cid: list(PROXIES) for cid in SENT}
+    fed.assignment = {cid: list(PROXIES) for cid in SENT}
     for rnd in range(1, 101):
         cases = {cid: train_case(rng) for cid in SENT}
         answers = {int(cid): _reply(c, _request(int(cid))) for cid, c in cases.items()}
-        contributions = fed._collect_train_replies(rnd, sampled, answers, assignment)
+        contributions = fed._collect_train_replies(rnd, sampled, answers)
         rejected_rows = {r["node_id"] for r in fed.store.client_rounds("fuzz") if r["round"] == rnd
                          and r["status"] == "rejected"}
         events = [e for e in fed.store.events("fuzz") if e["round"] == rnd and e["kind"] == "rejected"]
