@@ -77,15 +77,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         started = time.monotonic()
 
         def on_round(row: dict) -> None:
-            unit = "version" if cfg.federation.mode == "async" else "round"
-            _say(f"  {unit} {row['round']:>3}/{cfg.federation.rounds}: {row['participants']} participant(s), "
-                 f"{row['seconds']:.1f}s (elapsed {time.monotonic() - started:.0f}s)")
+            _say(_progress_line(fed.store_url, run_name, cfg, row, time.monotonic() - started))
 
         run = fed.wait(run_name, timeout=args.timeout, on_round=on_round)
     except BaseException as exc:
         fed.stop()
         _close_unfinished_run(fed.store_url, run_name, "stopped" if isinstance(exc, KeyboardInterrupt) else "failed",
                               "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc))
+        _summary_if_recorded(fed.store_url, run_name)  # a stopped or failed run still says what it reached
         raise
     finally:
         fed.stop()
@@ -136,18 +135,85 @@ def _demo_keys(args: argparse.Namespace, cfg):
     return Path(temp.name), temp
 
 
+def _run_is_private(run: dict) -> bool:
+    try:
+        return bool(json.loads(run.get("config") or "{}").get("privacy", {}).get("enabled", True))
+    except ValueError:
+        return True
+
+
+def _epsilon_text(private: bool, epsilon: float | None) -> str:
+    """ε as a person should read it: a non-private run is never "ε = 0.000"."""
+    if not private:
+        return "not private (ε = ∞)"
+    return "ε n/a" if epsilon is None else f"max ε {epsilon:.3f}"
+
+
+def _progress_line(url: str, run_name: str, cfg, row: dict, elapsed: float | None = None) -> str:
+    """One line per round: participants, the round's own held-out accuracy (server-side evaluation) or the
+    clients' validation accuracy of the previous round's model (named as such), the largest ε so far, time."""
+    from fedveil.platform.store import MetricsStore
+
+    unit = "version" if cfg.federation.mode == "async" else "round"
+    rnd = int(row["round"])
+    parts = [f"  {unit} {rnd:>3}/{cfg.federation.rounds}: {row['participants']} participant(s)"]
+    store = MetricsStore.open_readonly(url)
+    try:
+        if row.get("server_accuracy") is not None:
+            parts.append(f"held-out acc {row['server_accuracy']:.4f} loss {row['server_loss']:.4f}")
+        previous = next((r for r in store.rounds(run_name) if r["round"] == rnd - 1 and r["accuracy"] is not None), None)
+        if previous is not None:
+            parts.append(f"clients' val acc {previous['accuracy']:.4f} loss {previous['loss']:.4f} "
+                         f"({unit} {rnd - 1} model)")
+        eps = [c["epsilon"] for c in store.client_rounds(run_name) if c["round"] <= rnd and c["epsilon"] is not None]
+        parts.append(_epsilon_text(cfg.privacy.enabled, max(eps, default=None)))
+    finally:
+        store.close()
+    seconds = f"{row['seconds']:.1f}s" + ("" if elapsed is None else f" (elapsed {elapsed:.0f}s)")
+    return " | ".join(parts + [seconds])
+
+
+def _summary_if_recorded(url: str, run_name: str) -> None:
+    """The summary of a run that stopped or failed, when the store holds it (never masks the real error)."""
+    from fedveil.platform.store import MetricsStore
+
+    try:
+        store = MetricsStore.open_readonly(url)
+        try:
+            if store.get_run(run_name) is not None:
+                _print_summary(store, run_name)
+        finally:
+            store.close()
+    except Exception:  # noqa: BLE001 - no store yet: nothing to summarize
+        pass
+
+
 def _print_summary(store, run_name: str) -> None:
     run = store.get_run(run_name)
     rounds = store.rounds(run_name)
+    private = _run_is_private(run)
+    done = [r for r in rounds if r["participants"] > 0]
+    _say(f"\nrun {run_name}: {run['status']}" + (f" ({run['message']})" if run["message"] else "")
+         + f"; {len(done)} of {run['rounds_planned']} round(s) updated the model")
+    held = [r for r in rounds if r.get("server_accuracy") is not None]
+    if held:
+        best = max(held, key=lambda r: r["server_accuracy"])
+        _say(f"held-out accuracy {held[-1]['server_accuracy']:.4f}, loss {held[-1]['server_loss']:.4f} "
+             f"(server-side, after round {held[-1]['round']}; best {best['server_accuracy']:.4f} after round "
+             f"{best['round']})")
     final = next((r for r in reversed(rounds) if r["accuracy"] is not None), None)
-    _say(f"\nrun {run_name}: {run['status']}" + (f" ({run['message']})" if run["message"] else ""))
     if final is not None:
-        _say(f"final accuracy {final['accuracy']:.4f}, loss {final['loss']:.4f} (after round {final['round']})")
-    _say("privacy spent per organization (ledger ε, all runs on this data):")
+        _say(f"clients' validation accuracy {final['accuracy']:.4f}, loss {final['loss']:.4f} "
+             f"(model after round {final['round']})")
+    if not private:
+        _say("privacy: not private (ε = ∞): this run trained without DP-SGD")
+    _say("privacy spent per organization (its ledger ε over all runs on this data, as of its last reply; "
+         "`fedveil client ledger --workdir ORG_DIR` shows the authoritative ledger):")
     for c in store.latest_client_status(run_name):
         eps = "n/a" if c["epsilon"] is None else f"{c['epsilon']:.3f}"
         _say(f"  {c['org']:<14} ε={eps:<8} δ={c['delta'] if c['delta'] is not None else 'n/a'}  "
-             f"budget={c['budget'] if c['budget'] is not None else 'n/a'}  last status={c['status']}")
+             f"budget={c['budget'] if c['budget'] is not None else 'n/a'}  last status={c['status']} "
+             f"(round {c['round']})")
 
 
 def _start_dashboard(url: str, port: int | None, workdir: Path):
@@ -255,7 +321,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         _say(f"run {run_name} submitted; waiting for proxies and clients (Ctrl-C to stop)")
 
         def on_round(row: dict) -> None:
-            _say(f"  round {row['round']}/{cfg.federation.rounds}: {row['participants']} participant(s)")
+            _say(_progress_line(url, run_name, cfg, row))
 
         try:
             run = follow_run(url, run_name, flower_run_id=flower_run_id, connection="fedveil", env=env,
@@ -263,6 +329,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             _say("stopping")
             _close_unfinished_run(url, run_name, "stopped", "interrupted by the user")
+            _summary_if_recorded(url, run_name)
             return 130
         store = MetricsStore(url)
         try:

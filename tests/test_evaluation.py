@@ -121,3 +121,67 @@ def test_momentum_and_weight_decay_reach_the_optimizer():
     assert opt.param_groups[0]["momentum"] == 0.0 and opt.param_groups[0]["weight_decay"] == 1e-3
     cfg = plain_config(**{"training.momentum": 0.5})
     assert cfg.training.momentum == 0.5 and config_mod.FedveilConfig().training.momentum == 0.9
+
+
+class _StoppedFederation:
+    """Stands in for LocalFederation: two rounds reach the store, then the user presses Ctrl-C."""
+
+    def __init__(self, cfg, workdir, keys_dir=None, progress=print):
+        from fedveil.platform.store import store_url
+
+        self.cfg, self.store_url = cfg, store_url(workdir)
+
+    def start(self):
+        pass
+
+    def submit(self, run_name):
+        self.run_name = run_name
+
+    def wait(self, run_name, timeout, on_round=None):
+        import time
+
+        from fedveil.platform.store import MetricsStore
+
+        assert timeout is None  # no default wall-clock limit
+        store = MetricsStore(self.store_url)
+        store.create_run(run_name, mode="sync", secure="none", dataset="digits", rounds_planned=10,
+                         config=self.cfg.model_dump())
+        for rnd, acc in ((1, 0.61), (2, 0.83)):
+            now = time.time()
+            store.record_round(run_name, rnd, started_at=now, finished_at=now, seconds=1.0, participants=3,
+                               server_accuracy=acc, server_loss=1.0 - acc)
+            store.record_client_round(run_name, rnd, "hospital-a", "ok", epsilon=0.5 * rnd, delta=1e-5, budget=20.0)
+            on_round(store.rounds(run_name)[-1])
+        store.close()
+        raise KeyboardInterrupt
+
+    def stop(self):
+        pass
+
+
+def test_a_stopped_demo_prints_its_summary_and_progress(tmp_path, monkeypatch, capsys):
+    from fedveil.platform import cli, federation
+
+    monkeypatch.setattr(federation, "LocalFederation", _StoppedFederation)
+    code = cli.main(["demo", "--secure", "none", "--insecure", "--no-dashboard", "--dataset", "digits",
+                     "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 130
+    assert "round   2/" in out and "held-out acc 0.8300" in out and "max ε 1.000" in out  # the progress line
+    assert "clients' val acc" not in out  # none recorded: no accuracy is invented
+    assert "stopped (interrupted by the user); 2 of 10 round(s)" in out
+    assert "held-out accuracy 0.8300" in out and "ε=1.000" in out
+
+
+def test_a_non_private_run_says_so(tmp_path):
+    from fedveil.platform import cli
+    from fedveil.platform.store import MetricsStore
+
+    cfg = plain_config()
+    store = MetricsStore(f"sqlite:///{tmp_path / 'fedveil.db'}")
+    store.create_run("np", mode="sync", secure="none", rounds_planned=1, config=cfg.model_dump())
+    store.record_round("np", 1, started_at=0.0, finished_at=1.0, seconds=1.0, participants=3)
+    store.record_client_round("np", 1, "hospital-a", "ok", epsilon=0.0)
+    line = cli._progress_line(store.url, "np", cfg, store.rounds("np")[0])
+    assert "not private (ε = ∞)" in line and "0.000" not in line
+    assert store.export()["runs"][0]["private"] is False
