@@ -149,7 +149,8 @@ def _overview(run: dict[str, Any], runs: list[dict[str, Any]], rounds: list, cli
     left, right = st.columns(2)
     with left:
         st.subheader("Global accuracy")
-        _chart(v.metric_chart(v.rounds_frame(run, rounds), y="accuracy_pct", y_title="Accuracy (%)"))
+        _chart(v.metric_chart(v.accuracy_frame(v.rounds_frame(run, rounds)), y="accuracy_pct", y_title="Accuracy (%)",
+                              color="series", legend_title="Measured on"))
     with right:
         st.subheader("Privacy budget")
         _chart(v.budget_bars(priv, colors))
@@ -164,7 +165,8 @@ def _convergence(run: dict, runs: list, rounds: list, clients: list, colors: dic
     left, right = st.columns(2)
     with left:
         st.subheader("Global accuracy")
-        _chart(v.metric_chart(rf, y="accuracy_pct", y_title="Accuracy (%)", x=x))
+        _chart(v.metric_chart(v.accuracy_frame(rf), y="accuracy_pct", y_title="Accuracy (%)", x=x, color="series",
+                              legend_title="Measured on"))
     with right:
         st.subheader("Global loss")
         _chart(v.metric_chart(rf, y="loss", y_title="Loss (cross-entropy)", x=x))
@@ -255,6 +257,21 @@ def _privacy(run: dict, rounds: list, clients: list, colors: dict) -> None:
             "q": st.column_config.NumberColumn(format="%.4f"),
         },
     )
+
+
+def _policies(nodes: list, events: list) -> None:
+    """Each organization's own privacy policy and the tasks it declined by it (status `policy`)."""
+    pf = v.policy_frame(nodes, events)
+    if pf.empty:
+        return
+    st.subheader("Organization policies")
+    st.caption("Each organization enforces its own policy before it trains; a task asking for less is declined "
+               "with status `policy` and spends no ε.")
+    declining = pf.loc[pf["Policy declines"] > 0, "Organization"].tolist()
+    if declining:
+        st.warning(f"Declined tasks by their privacy policy: {', '.join(f'**{o}**' for o in declining)}",
+                   icon=":material/policy:")
+    st.dataframe(pf, hide_index=True, width="stretch")
 
 
 def _secure(run: dict, rounds: list, events: list) -> None:
@@ -379,6 +396,7 @@ def _body(url: str) -> None:
         _convergence(run, runs, rounds, clients, colors, store)
     with tabs[2]:
         _privacy(run, rounds, clients, colors)
+        _policies(nodes, events)
     with tabs[3]:
         _secure(run, rounds, events)
     with tabs[4]:

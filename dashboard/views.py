@@ -186,7 +186,7 @@ def rounds_frame(run: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> pd.Da
     """One row per round (or async model version), with wall time since the run started."""
     cols = [
         "round", "model_version", "participants", "accuracy", "accuracy_pct", "loss", "wall_s", "seconds",
-        "bytes_up", "protect_s", "combine_s", "finish_s",
+        "bytes_up", "protect_s", "combine_s", "finish_s", "server_accuracy_pct", "server_loss",
     ]
     rows = []
     for r in rounds:
@@ -205,9 +205,28 @@ def rounds_frame(run: dict[str, Any], rounds: Sequence[dict[str, Any]]) -> pd.Da
                 "protect_s": float(r.get("protect_seconds") or 0.0),
                 "combine_s": float(r.get("combine_seconds") or 0.0),
                 "finish_s": float(r.get("finish_seconds") or 0.0),
+                "server_accuracy_pct": None if r.get("server_accuracy") is None else 100.0 * float(r["server_accuracy"]),
+                "server_loss": r.get("server_loss"),
             }
         )
     return pd.DataFrame(rows, columns=cols)
+
+
+ACCURACY_SERIES = {
+    "server_accuracy_pct": "Held-out test set (server-side)",
+    "accuracy_pct": "Clients' validation splits (weighted)",
+}
+
+
+def accuracy_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The two global accuracies, named apart, in long form (`series`) for one chart: the server's score
+    on the public held-out set, and the clients' weighted validation accuracy of the same model."""
+    parts = [
+        frame[["round", "model_version", "wall_s", col]].rename(columns={col: "accuracy_pct"}).assign(series=name)
+        for col, name in ACCURACY_SERIES.items()
+    ]
+    out = pd.concat(parts, ignore_index=True)
+    return out.dropna(subset=["accuracy_pct"])
 
 
 def org_metrics_frame(client_rounds: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -323,6 +342,40 @@ def privacy_frame(client_rounds: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def declined_orgs(client_rounds: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({c["org"] for c in client_rounds if c["status"] == STATUS_DECLINED})
+
+
+POLICY_COLUMNS = ["Organization", "Secure modes", "DP required", "δ ≤", "σ ≥", "ε per run ≤", "Aggregate ≥",
+                  "Budget", "Models", "Policy declines", "Last decline"]
+
+
+def policy_frame(nodes: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Each organization's own privacy policy (as its node reported it on joining) and its `policy` declines.
+
+    The policy lives in the organization's config, not the server's: this is what each client
+    enforces before it trains, so a server asking for less sees declines here.
+    """
+    declines: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("kind") == "policy":
+            declines.setdefault(str(e.get("source", "")), []).append(e)
+
+    def _join(values: Any) -> str:
+        return ", ".join(str(x) for x in values) if isinstance(values, (list, tuple)) else ""
+
+    rows = []
+    for n in nodes:
+        if n.get("role") != "client":
+            continue
+        pol = _loads(_loads(n.get("info")).get("policy"))
+        mine = sorted(declines.get(n["name"], []), key=lambda e: e.get("ts", 0))
+        rows.append({
+            "Organization": n["name"], "Secure modes": _join(pol.get("allow_secure")),
+            "DP required": pol.get("require_dp"), "δ ≤": pol.get("max_delta"), "σ ≥": pol.get("min_noise"),
+            "ε per run ≤": pol.get("max_epsilon"), "Aggregate ≥": pol.get("min_aggregate"),
+            "Budget": pol.get("budget"), "Models": _join(pol.get("allow_models")), "Policy declines": len(mine),
+            "Last decline": mine[-1].get("message", "") if mine else "",
+        })
+    return pd.DataFrame(rows, columns=POLICY_COLUMNS).drop_duplicates("Organization", keep="last")
 
 
 # ---- secure aggregation and system ---------------------------------------------------------

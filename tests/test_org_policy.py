@@ -25,6 +25,7 @@ from fedveil.platform.federation import write_config
 from fedveil.platform.localgrid import LocalGrid, LocalNode
 from fedveil.platform.nodeapp import app
 from fedveil.platform.provision import init_federation_keys
+from fedveil.platform.store import store_url
 from tests.conftest import run_federation
 
 ORG = "hospital-a"
@@ -235,6 +236,36 @@ def test_the_server_records_policy_declines_and_the_orgs_policies(tmp_path):
                            for n in clients)
     for name in (ORG, "hospital-b"):
         assert PrivacyLedger(tmp_path / "orgs" / name / "privacy-ledger.db", name).datasets() == []
+    # The dashboard (it reads only the store) shows each organization's policy and its declines.
+    from fedveil.dashboard.views import policy_frame
+
+    frame = policy_frame(store.nodes("r1"), store.events("r1")).set_index("Organization")
+    assert sorted(frame.index) == [ORG, "hospital-b", "hospital-c"]
+    assert (frame["Policy declines"] == 1).all() and (frame["Secure modes"] == "secret-sharing, ckks").all()
+    assert frame.loc[ORG, "DP required"] and "policy.allow_secure" in frame.loc[ORG, "Last decline"]
+    at = _dashboard(store_url(tmp_path))
+    privacy = next(t for t in at.tabs if t.label.endswith("Privacy"))
+    shown = next(df.value for df in privacy.dataframe if "Policy declines" in df.value.columns)
+    assert sorted(shown["Organization"]) == [ORG, "hospital-b", "hospital-c"]
+    assert any("privacy policy" in w.value and ORG in w.value for w in privacy.warning)
+
+
+def _dashboard(url: str):
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    from fedveil.dashboard import views
+
+    os.environ["FEDVEIL_DASHBOARD_STORE"] = url
+    os.environ.pop("FEDVEIL_DASHBOARD_PASSWORD", None)
+    try:
+        at = AppTest.from_file(str(Path(views.__file__).with_name("app.py")), default_timeout=60)
+        at.run()
+    finally:
+        os.environ.pop("FEDVEIL_DASHBOARD_STORE", None)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
 
 
 def test_client_policy_flags_override_the_orgs_config(tmp_path):
