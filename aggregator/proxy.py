@@ -204,10 +204,10 @@ def aggregate(
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
     guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
     try:
+        weights, rejected = screen(identity, cfg, guard, payloads, run_id=run_id, task_id=task_id,
+                                   staleness=staleness, task_ids=task_ids)  # a request that breaks the config claims nothing
         if not guard.claim(f"task:{run_id}:{task_id}".encode()):
             raise AggregationRefused(f"task {task_id} was already aggregated by this proxy; a task is combined once")
-        weights, rejected = screen(identity, cfg, guard, payloads, run_id=run_id, task_id=task_id,
-                                   staleness=staleness, task_ids=task_ids)
         extra = {"task_ids": dict(task_ids)} if task_ids else {}
         floor = max(min_aggregate, identity.min_aggregate)
         try:

@@ -141,3 +141,177 @@ def test_server_never_decrypts_partial_below_min_aggregate(keys, monkeypatch):
     assert calls == []
     np.testing.assert_allclose(mode.finish([big], 4, ServerKeyring(secret)), np.full(4, 3.0), atol=1e-7)
     assert calls
+
+
+# ---- a deviating server against the proxies (issue 8 defects 1 and 3) -------------------------------
+# Each test plays the server with exactly what it holds: the honest clients' sealed payloads and the
+# aggregate task dict it sends (`aggregate_task` is what the proxy's `aggregate` handler runs on it).
+ORGS = ("org-a", "org-b", "org-c", "org-d")
+RUN = "run-x"
+
+
+@pytest.fixture(scope="module")
+def fed_keys(tmp_path_factory):
+    from fedveil.platform.provision import init_federation_keys
+
+    return init_federation_keys(tmp_path_factory.mktemp("keys"), ["proxy-1", "proxy-2"], list(ORGS))
+
+
+def own_config(secure, mode="async", **overrides):
+    from fedveil.platform import config as config_mod
+
+    values = {"federation.secure": secure, "federation.mode": mode, "async.staleness": "polynomial",
+              "async.staleness_exponent": 0.5, "async.max_staleness": 10, "secure.max_clients": 8}
+    if mode == "semi-sync":
+        values["federation.late_replies"] = "carry"
+    values.update(overrides)
+    return config_mod.with_overrides(config_mod.FedveilConfig(), values)
+
+
+def make_proxy(tmp_path, fed_keys, name, cfg):
+    """A proxy with its own config file, keys and work dir, as `fedveil proxy --config` starts it."""
+    from fedveil.aggregator.proxy import ProxyIdentity
+    from fedveil.platform.federation import write_config
+
+    path = write_config(cfg, tmp_path / name / "federation.toml")
+    return ProxyIdentity(name=name, workdir=tmp_path / name, keys_dir=str(fed_keys / name), min_aggregate=2,
+                         config=str(path))
+
+
+def client_payloads(cfg, fed_keys, org, vector, task_id, proxies):
+    """What an honest organization sends for one train task: {proxy: sealed payload}."""
+    from fedveil.platform.provision import load_client_keyring_dir
+    from fedveil.secure.modes import get_mode
+
+    mode = get_mode(cfg.federation.secure, **cfg.secure_options())
+    b = Binding(RUN, task_id, org, "", cfg.federation.secure, vector.size)
+    return mode.protect(vector, proxies, b, load_client_keyring_dir(fed_keys / org))
+
+
+def server_task(cfg, aggregate_id, length, **extra):
+    return {"run_id": RUN, "task_id": aggregate_id, "mode": cfg.federation.secure, "length": length,
+            "min_aggregate": 2, "options": cfg.secure_options(), **extra}
+
+
+def proxies_for(secure):
+    return ["proxy-1", "proxy-2"] if secure == "secret-sharing" else ["proxy-1"]
+
+
+def finish(cfg, fed_keys, partials, length):
+    from fedveil.platform.provision import load_server_keyring_dir
+    from fedveil.secure.modes import get_mode
+
+    return get_mode(cfg.federation.secure, **cfg.secure_options()).finish(
+        partials, length, load_server_keyring_dir(fed_keys / "server"))
+
+
+VICTIM = np.array([3.0, -1.5, 0.25, 8.0])
+OTHER = np.array([-2.0, 4.0, 1.0, -6.0])
+
+
+@pytest.mark.parametrize("secure", ["secret-sharing", "ckks"])
+def test_server_chosen_weights_are_refused_and_staleness_weights_keep_the_floor(tmp_path, fed_keys, secure):
+    """Defect 1: weights {victim: 1, other: 0} (or 2^-16, or 1e-9 in ckks) used to make an 'aggregate of
+    two' equal the victim's update. A proxy now refuses any weight from the server; from staleness it
+    computes alpha itself, refuses s beyond async.max_staleness, so the other client keeps >= the floor."""
+    from fedveil.aggregator.proxy import aggregate_task, validate_task
+    from fedveil.secure.modes import applied_weight, get_mode
+    from fedveil.secure.staleness import weight_floor
+
+    cfg = own_config(secure)
+    ps = proxies_for(secure)
+    proxies = {p: make_proxy(tmp_path, fed_keys, p, cfg) for p in ps}
+    L = VICTIM.size
+    task_ids = {org: f"{RUN}:async-{i}" for i, org in enumerate(("org-a", "org-b"))}
+    sent = {org: client_payloads(cfg, fed_keys, org, v, task_ids[org], ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
+
+    def payloads(p):
+        return {org: blobs[p] for org, blobs in sent.items()}
+
+    for weights in ({"org-a": 1.0, "org-b": 0.0}, {"org-a": 1.0, "org-b": 2.0**-16}, {"org-a": 1.0, "org-b": 1e-9}):
+        task = server_task(cfg, f"{RUN}:aggregate-w", L, task_ids=task_ids, weights=weights)
+        for p in ps:
+            with pytest.raises(AggregationRefused, match="never takes from the server"):
+                aggregate_task(proxies[p], task, payloads(p))
+    # staleness the proxy's own config does not allow is refused per client, with the reason
+    for s, reason in ((11, "exceeds async.max_staleness=10"), (-3, "negative"), (2.5, "not a whole number")):
+        task = server_task(cfg, f"{RUN}:aggregate-s{s}", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": s})
+        assert reason in validate_task(proxies[ps[0]], task, payloads(ps[0]))["org-b"]
+    task = server_task(cfg, f"{RUN}:aggregate-s", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 11})
+    with pytest.raises(AggregationRefused, match="exceeds async.max_staleness=10"):  # alone, org-a is never combined
+        aggregate_task(proxies[ps[0]], task, payloads(ps[0]))
+    sent = {org: client_payloads(cfg, fed_keys, org, v, task_ids[org], ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
+    # the most the server can do: the other client at max_staleness, weighted by the floor alpha(10)
+    task = server_task(cfg, f"{RUN}:aggregate-1", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 10})
+    results = [aggregate_task(proxies[p], task, payloads(p)) for p in ps]
+    assert all(r.included == ["org-a", "org-b"] for r in results)
+    total = finish(cfg, fed_keys, [r.partial for r in results], L)
+    floor = applied_weight(get_mode(secure, **cfg.secure_options()), weight_floor(cfg.async_))
+    assert floor == pytest.approx(11 ** -0.5, abs=2**-16)
+    np.testing.assert_allclose(total, VICTIM + floor * OTHER, atol=1e-6)
+    assert np.min(np.abs(total - VICTIM)) > 0.25 * np.min(np.abs(OTHER))  # never the victim's update alone
+
+
+@pytest.mark.parametrize("secure", ["none", "secret-sharing", "ckks"])
+def test_a_sync_round_carries_no_weights(tmp_path, fed_keys, secure):
+    """A proxy whose own config runs sync rounds refuses a task with weights or staleness; the honest
+    task (neither) gives the plain sum."""
+    from fedveil.aggregator.proxy import aggregate_task, validate_task
+
+    cfg = own_config(secure, mode="sync")
+    ps = proxies_for(secure)
+    proxies = {p: make_proxy(tmp_path, fed_keys, p, cfg) for p in ps}
+    L = VICTIM.size
+    task_id = f"{RUN}:round-1"
+    sent = {org: client_payloads(cfg, fed_keys, org, v, task_id, ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
+    payloads = {p: {org: blobs[p] for org, blobs in sent.items()} for p in ps}
+    for bad in ({"weights": {"org-a": 1.0, "org-b": 0.0}}, {"staleness": {"org-a": 0, "org-b": 10}}):
+        for p in ps:
+            with pytest.raises(AggregationRefused, match="never takes from the server|carry no per-client weights"):
+                validate_task(proxies[p], server_task(cfg, task_id, L, **bad), payloads[p])
+            with pytest.raises(AggregationRefused, match="never takes from the server|carry no per-client weights"):
+                aggregate_task(proxies[p], server_task(cfg, task_id, L, **bad), payloads[p])
+    results = [aggregate_task(proxies[p], server_task(cfg, task_id, L), payloads[p]) for p in ps]
+    np.testing.assert_allclose(finish(cfg, fed_keys, [r.partial for r in results], L), VICTIM + OTHER, atol=1e-6)
+
+
+@pytest.mark.parametrize("secure", ["secret-sharing", "ckks"])
+def test_a_client_update_enters_at_most_one_aggregate(tmp_path, fed_keys, secure):
+    """Defect 3: the server resends a train task, gets a freshly sealed update of the same task from org-a
+    and asks for a new aggregate id over it and fresh clients. Differencing the two aggregates would
+    isolate org-a; the proxy combines each (run, train task, client) once, so org-a is refused the second
+    time, and a group left below min_aggregate is refused as a whole."""
+    from fedveil.aggregator.proxy import aggregate_task, validate_task
+
+    cfg = own_config(secure, mode="sync")
+    ps = proxies_for(secure)
+    proxies = {p: make_proxy(tmp_path, fed_keys, p, cfg) for p in ps}
+    L = VICTIM.size
+    t1 = f"{RUN}:round-1"
+    first = {org: client_payloads(cfg, fed_keys, org, v, t1, ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
+    results = [aggregate_task(proxies[p], server_task(cfg, t1, L), {o: b[p] for o, b in first.items()}) for p in ps]
+    np.testing.assert_allclose(finish(cfg, fed_keys, [r.partial for r in results], L), VICTIM + OTHER, atol=1e-6)
+
+    # the same aggregate id again: refused outright
+    with pytest.raises(AggregationRefused, match="already aggregated"):
+        aggregate_task(proxies[ps[0]], server_task(cfg, t1, L), {o: b[ps[0]] for o, b in first.items()})
+    # re-sealed updates of round 1 (new envelopes) plus a fresh client, under a new aggregate id
+    resent = {org: client_payloads(cfg, fed_keys, org, v, t1, ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
+    resent["org-c"] = client_payloads(cfg, fed_keys, "org-c", np.ones(L), t1, ps)
+    resent["org-d"] = client_payloads(cfg, fed_keys, "org-d", np.full(L, 2.0), t1, ps)
+    task = server_task(cfg, f"{RUN}:round-1-again", L, task_ids={o: t1 for o in resent})
+    lone = {o: resent[o] for o in ("org-a", "org-c")}
+    for p in ps:
+        rejected = validate_task(proxies[p], task, {o: b[p] for o, b in lone.items()})
+        assert set(rejected) == {"org-a"} and "already combined" in rejected["org-a"]
+        with pytest.raises(AggregationRefused, match="already combined"):
+            aggregate_task(proxies[p], task, {o: b[p] for o, b in lone.items()})
+    # with enough fresh clients the aggregate goes on without the already-combined ones (org-c re-seals: the
+    # refused attempt opened its envelope, and an envelope opens once)
+    resent["org-c"] = client_payloads(cfg, fed_keys, "org-c", np.ones(L), t1, ps)
+    task = server_task(cfg, f"{RUN}:round-1-third", L, task_ids={o: t1 for o in resent})
+    results = [aggregate_task(proxies[p], task, {o: b[p] for o, b in resent.items()}) for p in ps]
+    for r in results:
+        assert r.included == ["org-c", "org-d"]
+        assert {"org-a", "org-b"} <= set(r.rejected) and all("already combined" in r.rejected[o] for o in ("org-a", "org-b"))
+    np.testing.assert_allclose(finish(cfg, fed_keys, [r.partial for r in results], L), np.full(L, 3.0), atol=1e-6)
