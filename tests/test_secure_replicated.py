@@ -293,9 +293,21 @@ def test_round_survives_a_dead_proxy_and_charges_each_org_once(tmp_path):
     assert any(m.metadata.message_type == wire.VALIDATE and m.metadata.dst_node_id == 3 for m in grid.sent)
     rounds = store.rounds("r1")
     assert [r["participants"] for r in rounds] == [3]
-    assert not [e for e in store.events("r1") if e["kind"] == "round_skipped"]
+    events = store.events("r1")
+    assert not [e for e in events if e["kind"] == "round_skipped"]
+    assert any(e["kind"] == "dropout" and "proxy-3" in e["message"] for e in events)
     assert np.all(np.isfinite(fed.weights)) and fed.weights.size > 0
     for org in ORGS:
         ledger = PrivacyLedger(tmp_path / "run" / "orgs" / org / "privacy-ledger.db", org)
         charges = [h for ds in ledger.datasets() for h in ledger.history(ds)]
         assert [h["task_id"] for h in charges] == ["r1:round-1"]  # charged once, for a round that counted
+
+
+def test_engine_needs_every_partial_unless_the_mode_tolerates_a_missing_one():
+    """The engine's rule is keyed on the mode: secret-sharing and ckks still refuse a round with a dead proxy."""
+    from fedveil.aggregator.engine import Federation
+
+    fed = Federation.__new__(Federation)
+    for name, need in (("secret-sharing", 3), ("ckks", 3), ("replicated-sharing", 2)):
+        fed.mode = get_mode(name)
+        assert fed._partials_needed(3) == need, name
