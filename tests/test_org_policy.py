@@ -280,3 +280,15 @@ def test_client_policy_flags_override_the_orgs_config(tmp_path):
     assert (pol.min_noise, pol.max_epsilon, pol.min_aggregate, pol.budget) == (0.8, 3.0, 3, 5.0)
     assert pol.allow_models == ["mlp", "mypkg.models:build"]
     assert policy_overrides(build_parser().parse_args(["client", "--config", "x.toml", "--org", ORG])) == {}
+
+
+def test_an_async_server_asking_for_dp_off_is_declined_and_stops_sending_work(tmp_path):
+    cfg = server_config(**{"federation.mode": "async", "privacy.enabled": False, "federation.rounds": 2,
+                           "federation.round_timeout": 30})
+    fed, store, grid = run_federation(tmp_path, cfg, "a1")
+    declines = [e for e in store.events("a1") if e["kind"] == "policy"]
+    assert sorted(e["source"] for e in declines) == sorted([ORG, "hospital-b", "hospital-c"])  # once each
+    assert all("policy.require_dp" in e["message"] for e in declines)
+    trains = [m for m in grid.sent if m.metadata.message_type == wire.TRAIN]
+    assert len(trains) == 3  # a declining organization gets no more work in this run
+    assert PrivacyLedger(tmp_path / "orgs" / ORG / "privacy-ledger.db", ORG).datasets() == []
