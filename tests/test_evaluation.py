@@ -185,3 +185,16 @@ def test_a_non_private_run_says_so(tmp_path):
     line = cli._progress_line(store.url, "np", cfg, store.rounds("np")[0])
     assert "not private (ε = ∞)" in line and "0.000" not in line
     assert store.export()["runs"][0]["private"] is False
+
+
+def test_dashboard_names_both_accuracies_apart():
+    from fedveil.dashboard import views as v
+
+    rounds = [{"round": 1, "model_version": 1, "participants": 3, "accuracy": None, "loss": None, "started_at": 0.0,
+               "finished_at": 1.0, "seconds": 1.0, "server_accuracy": 0.7, "server_loss": 0.9},
+              {"round": 2, "model_version": 2, "participants": 3, "accuracy": 0.8, "loss": 0.5, "started_at": 1.0,
+               "finished_at": 2.0, "seconds": 1.0, "server_accuracy": 0.9, "server_loss": 0.3}]
+    frame = v.accuracy_frame(v.rounds_frame({"started_at": 0.0}, rounds))
+    held = frame[frame.series == v.ACCURACY_SERIES["server_accuracy_pct"]]
+    val = frame[frame.series == v.ACCURACY_SERIES["accuracy_pct"]]
+    assert held.accuracy_pct.tolist() == pytest.approx([70.0, 90.0]) and val.accuracy_pct.tolist() == [80.0]
