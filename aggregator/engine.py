@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig
 from fedveil.platform.errors import FedveilError
 from fedveil.platform.params import flatten, unflatten
-from fedveil.platform.store import MetricsStore
+from fedveil.platform.store import HEARTBEAT_SECONDS, MetricsStore
 from fedveil.secure.modes import AggregationRefused, ServerKeyring, get_mode
 
 log = logging.getLogger("fedveil.server")
@@ -488,6 +489,9 @@ class Federation:
         """
         answered = self._ask_proxies(rnd, wire.VALIDATE, task, groups)
         ok = {name for name, (status, _, _) in answered.items() if status == wire.OK}
+        for name in sorted(set(answered) - ok):
+            self.event("error", f"round {rnd}: proxy {name} could not validate: "
+                       f"{answered[name][1].get('message', answered[name][0])}", level="warn", source=name, round=rnd)
         need = self._partials_needed(len(groups))
         if len(ok) < need:
             self.event("round_skipped", f"round {rnd}: only {len(ok)} of {len(groups)} proxies could validate their "
@@ -586,9 +590,8 @@ class Federation:
     def run(self) -> dict[str, Any]:
         """Handshake, then rounds: sync, semi-sync (late replies dropped or carried), or async (FedBuff)."""
         fed = self.cfg.federation
-        self.store.create_run(self.run_id, mode=fed.mode, secure=fed.secure, name=fed.name,
-                              dataset=self.cfg.data.source, model=self.cfg.model.name, rounds_planned=fed.rounds,
-                              config=self.cfg.model_dump())
+        self._open_run()
+        heartbeat = self._start_heartbeat()
         if fed.secure == "none":
             self.event("insecure", "secure mode 'none': proxies see every update in the clear. Use it only for "
                        "comparisons, never with real data", level="warn")
@@ -614,3 +617,35 @@ class Federation:
         except BaseException as exc:
             self.store.finish_run(self.run_id, "failed", message=str(exc))
             raise
+        finally:
+            heartbeat.set()
+
+    def _open_run(self) -> None:
+        """Close the store's runs whose server died as `interrupted`, then start this run, or with
+        `resume` continue it under the same id (its rounds and events stay one history)."""
+        for ghost in self.store.mark_interrupted(exclude=self.run_id):
+            self.store.record_event(ghost["id"], "interrupted", ghost["message"], level="warn")
+            self.progress(f"run {ghost['id']} had lost its server; it is marked interrupted")
+        previous = self.store.resume_run(self.run_id) if self.resume else None
+        if previous is None:
+            fed = self.cfg.federation
+            self.store.create_run(self.run_id, mode=fed.mode, secure=fed.secure, name=fed.name,
+                                  dataset=self.cfg.data.source, model=self.cfg.model.name, rounds_planned=fed.rounds,
+                                  config=self.cfg.model_dump())
+        else:
+            self.event("resumed", f"run {self.run_id} resumed (it was {previous})")
+
+    def _start_heartbeat(self) -> threading.Event:
+        """Beat from a daemon thread, so a long round never looks like a dead server; set the event to stop."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                try:
+                    self.store.heartbeat(self.run_id)
+                except Exception as exc:  # noqa: BLE001 - a busy store must not end the run; the next beat retries
+                    log.warning("heartbeat not written: %s", exc)
+
+        self.store.heartbeat(self.run_id)
+        threading.Thread(target=beat, name="fedveil-heartbeat", daemon=True).start()
+        return stop

@@ -16,6 +16,19 @@ def _run_config(context: Context) -> dict:
     return {k: v for k, v in context.run_config.items()}
 
 
+def resolve_run_id(store, federation_name: str, requested: str, flower_run_id: int, resume: bool) -> str:
+    """The fedveil run id: the one asked for; with `resume` and none asked for, the newest run of this
+    federation that did not complete (so a resumed run keeps its id, history and checkpoints); else a
+    new id from Flower's run id."""
+    if requested:
+        return requested
+    if resume:
+        found = store.latest_unfinished_run(federation_name)
+        if found is not None:
+            return found
+    return f"run-{flower_run_id}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedveil.aggregator.engine import Federation
@@ -36,9 +49,9 @@ def main(grid: Grid, context: Context) -> None:
         from fedveil.platform.provision import load_server_keyring_dir
 
         server_keys = load_server_keyring_dir(keys_dir)
-    run_id = str(rc.get("run-name", "")) or f"run-{context.run_id}"
+    resume = bool(rc.get("resume", False))
+    run_id = resolve_run_id(store, cfg.federation.name, str(rc.get("run-name", "")), context.run_id, resume)
     try:
-        Federation(grid, cfg, store, run_id, workdir=workdir, server_keys=server_keys,
-                   resume=bool(rc.get("resume", False))).run()
+        Federation(grid, cfg, store, run_id, workdir=workdir, server_keys=server_keys, resume=resume).run()
     finally:
         store.close()

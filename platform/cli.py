@@ -311,8 +311,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             else:
                 _say(f"warning: no SuperNode keys in {keys / 'supernodes'}; no node "
                      "can join until one is registered (`flwr supernode register`)")
-        run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         url = cfg.server.store or store_url(workdir)
+        run_name = _server_run_name(url, cfg.federation.name, bool(args.resume))
         run_config = {"config": str(Path(args.config).resolve()), "workdir": str(workdir), "store": url,
                       "run-name": run_name, "resume": bool(args.resume)}
         if args.keys:
@@ -337,6 +337,27 @@ def cmd_server(args: argparse.Namespace) -> int:
         finally:
             store.close()
         return 0 if run["status"] == "completed" else 1
+
+
+def _server_run_name(url: str, federation_name: str, resume: bool) -> str:
+    """A new run id, or with --resume the newest unfinished run of this federation: the same id continues.
+
+    The resumed run is marked `running` here, before the ServerApp starts, so that following it does
+    not stop at its old `interrupted` status."""
+    from fedveil.platform.store import MetricsStore
+
+    if resume:
+        store = MetricsStore(url)
+        try:
+            found = store.latest_unfinished_run(federation_name)
+            if found is not None:
+                previous = store.resume_run(found)
+                _say(f"resuming run {found} (it was {previous})")
+                return found
+            _say(f"no unfinished run of {federation_name!r} in the store; starting a new one")
+        finally:
+            store.close()
+    return f"{federation_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _tls_files(keys: str):
@@ -559,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--workdir", default="fedveil-server", help="store, checkpoints and logs")
     server.add_argument("--superlink", help="HOST:PORT to listen on (default: server.superlink)")
     server.add_argument("--keys", help="bundle root from `fedveil keys init` (enables TLS and node auth)")
-    server.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    server.add_argument("--resume", action="store_true",
+                        help="continue the newest unfinished run of this federation (same run id) from its last checkpoint")
     server.set_defaults(func=cmd_server)
 
     for name, helptext in (("proxy", "run a proxy aggregator node"), ("client", "run an organization's client node")):

@@ -8,6 +8,8 @@ so that a dashboard on another machine can read from PostgreSQL.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -106,7 +108,36 @@ nodes = sa.Table(
     sa.Column("info", sa.Text, nullable=False, default="{}"),
 )
 
-RUN_STATUSES = ("running", "completed", "failed", "stopped")
+heartbeats = sa.Table(
+    "run_heartbeats",  # a table of its own, so stores written before it gain it by create_all
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("beat_at", sa.Float, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("host", sa.String(256), nullable=False),
+)
+
+RUN_STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
+HEARTBEAT_SECONDS = 5.0  # how often a running server says it is alive
+STALE_AFTER = 60.0  # a `running` run whose last heartbeat is older than this has lost its server
+
+
+def _server_gone(beat: dict[str, Any] | None, last: float, now: float, stale_after: float) -> bool:
+    """Whether a `running` run's server is gone: its process on this host has exited, or (on another
+    host, or with no heartbeat at all) it has not been heard of for `stale_after` seconds."""
+    if beat is not None and beat["host"] == socket.gethostname():
+        return not _process_alive(int(beat["pid"]))
+    return now - last > stale_after
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists, owned by someone else
+    return True
 
 
 def store_url(workdir: str | Path) -> str:
@@ -202,6 +233,74 @@ class MetricsStore:
                 )
             )
 
+    def resume_run(self, run_id: str) -> str | None:
+        """Mark an existing run `running` again (`--resume`: the same run id continues); its previous
+        status, or None when there is no such run. Its heartbeat restarts with this process."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(runs.c.status).where(runs.c.id == run_id)).first()
+            if row is None:
+                return None
+            conn.execute(runs.update().where(runs.c.id == run_id).values(status="running", finished_at=None, message=""))
+        self.heartbeat(run_id)
+        return str(row[0])
+
+    def heartbeat(self, run_id: str) -> None:
+        """Say that this process still runs `run_id` (the engine calls it every HEARTBEAT_SECONDS)."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(heartbeats).where(heartbeats.c.run_id == run_id))
+            conn.execute(heartbeats.insert().values(run_id=run_id, beat_at=time.time(), pid=os.getpid(),
+                                                    host=socket.gethostname()))
+
+    def mark_interrupted(self, *, exclude: str | None = None, stale_after: float = STALE_AFTER,
+                         now: float | None = None) -> list[dict[str, Any]]:
+        """Close every `running` run whose server is gone as `interrupted`; returns the runs closed.
+
+        A server is gone when its heartbeat is older than `stale_after` seconds, when its process
+        on this host no longer exists, or when it never beat and started longer ago than that (a
+        store written before heartbeats). Called by a server at start, so a killed run does not
+        stay `running` forever; `exclude` is the run that server is about to (re)start.
+        """
+        now = time.time() if now is None else now
+        closed = []
+        for run in self._select(sa.select(runs).where(runs.c.status == "running")):
+            if run["id"] == exclude:
+                continue
+            beat = self._heartbeat(run["id"])
+            last = beat["beat_at"] if beat else run["started_at"]
+            if _server_gone(beat, last, now, stale_after):
+                message = (f"the server stopped without finishing the run (last sign of life "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(last))}); resume it with "
+                           "`fedveil server --resume`")
+                with self.engine.begin() as conn:
+                    conn.execute(runs.update().where(runs.c.id == run["id"], runs.c.status == "running")
+                                 .values(status="interrupted", finished_at=last, message=message))
+                closed.append({**run, "status": "interrupted", "finished_at": last, "message": message})
+        return closed
+
+    def _heartbeat(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            found = self._select(sa.select(heartbeats).where(heartbeats.c.run_id == run_id))
+        except sa.exc.DBAPIError:  # a read-only view of a store written before heartbeats
+            return None
+        return found[0] if found else None
+
+    def _effective(self, run: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+        """A reader's view of a run: `running` with a stale heartbeat reads as `interrupted`,
+        even before a new server start closes it in the store."""
+        if run["status"] != "running":
+            return run
+        beat = self._heartbeat(run["id"])
+        if beat is None or not _server_gone(beat, beat["beat_at"], time.time() if now is None else now, STALE_AFTER):
+            return run
+        return {**run, "status": "interrupted", "finished_at": beat["beat_at"],
+                "message": run["message"] or "the server stopped without finishing the run (no heartbeat)"}
+
+    def latest_unfinished_run(self, name: str) -> str | None:
+        """The newest run of federation `name` that did not complete: what `--resume` continues."""
+        found = self._select(sa.select(runs.c.id).where(runs.c.name == name, runs.c.status != "completed")
+                             .order_by(runs.c.started_at.desc()).limit(1))
+        return str(found[0]["id"]) if found else None
+
     def finish_run(self, run_id: str, status: str, message: str = "") -> None:
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
@@ -258,12 +357,12 @@ class MetricsStore:
             return _rows(conn.execute(query))
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """All runs, newest first."""
-        return self._select(sa.select(runs).order_by(runs.c.started_at.desc()))
+        """All runs, newest first (a run whose server is gone reads as `interrupted`)."""
+        return [self._effective(r) for r in self._select(sa.select(runs).order_by(runs.c.started_at.desc()))]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         found = self._select(sa.select(runs).where(runs.c.id == run_id))
-        return found[0] if found else None
+        return self._effective(found[0]) if found else None
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
         return self._select(sa.select(rounds).where(rounds.c.run_id == run_id).order_by(rounds.c.round))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -80,16 +82,97 @@ def test_a_server_cannot_lower_the_proxy_floor(tmp_path):
         aggregate(ident, {"1": np.ones(4).tobytes()}, run_id="r", task_id="t", mode="none", length=4, min_aggregate=1)
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path):
+def _dead_pid() -> int:
+    """The pid of a process that has exited: what a kill -9'd server leaves in its heartbeat."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _kill_server(store, run_id: str) -> None:
+    """The store as `kill -9` of the ServerApp leaves it: `running`, beaten last by a process now gone."""
+    import socket
+
+    import sqlalchemy as sa
+
+    from fedveil.platform.store import heartbeats, runs
+
+    with store.engine.begin() as conn:
+        conn.execute(runs.update().where(runs.c.id == run_id).values(status="running", finished_at=None))
+        conn.execute(sa.delete(heartbeats).where(heartbeats.c.run_id == run_id))
+        conn.execute(heartbeats.insert().values(run_id=run_id, beat_at=time.time(), pid=_dead_pid(),
+                                                host=socket.gethostname()))
+
+
+def test_resume_continues_the_same_run_from_its_checkpoint(tmp_path):
+    """Server killed after round 1 of 2; `--resume` continues run r1 itself: one history, no ghost, no new id."""
+    from fedveil.aggregator.serverapp import resolve_run_id
+
     cfg = small_config(**{"federation.rounds": 1, "federation.name": "fed"})
-    fed1, _, _ = run_federation(tmp_path, cfg, "r1")
-    saved = checkpoint.load(tmp_path / "checkpoints" / "fed")
+    fed1, store, _ = run_federation(tmp_path, cfg, "r1")
+    saved = checkpoint.load(fed1.checkpoint_dir)
     assert saved is not None and saved.round == 1
     np.testing.assert_array_equal(saved.weights, fed1.weights)
+    _kill_server(store, "r1")
+    assert store.get_run("r1")["status"] == "interrupted"  # readers see the ghost at once (its pid is gone)
+
+    run_id = resolve_run_id(store, "fed", "", flower_run_id=99, resume=True)
+    assert run_id == "r1"
     cfg2 = small_config(**{"federation.rounds": 2, "federation.name": "fed"})
-    fed2, store, _ = run_federation(tmp_path, cfg2, "r2", resume=True)
-    assert [r["round"] for r in store.rounds("r2")] == [2]
-    assert any("resumed from checkpoint after round 1" in e["message"] for e in store.events("r2"))
+    _, store, _ = run_federation(tmp_path, cfg2, run_id, resume=True)
+    assert [r["id"] for r in store.list_runs()] == ["r1"]
+    assert [r["round"] for r in store.rounds("r1")] == [1, 2]
+    assert store.get_run("r1")["status"] == "completed"
+    kinds = [e["kind"] for e in reversed(store.events("r1"))]
+    assert "resumed" in kinds
+    assert any("resumed from checkpoint after round 1" in e["message"] for e in store.events("r1"))
+
+
+def test_a_run_whose_server_died_is_marked_interrupted_everywhere(tmp_path, capsys):
+    """A ghost reads as `interrupted` in status and export before anything restarts, and a new server
+    start closes it so in the store; a live run and a finished one are left alone."""
+    from fedveil.aggregator.engine import Federation
+    from fedveil.platform import cli
+    import sqlalchemy as sa
+
+    from fedveil.platform.store import MetricsStore, runs
+
+    url = f"sqlite:///{tmp_path / 'fedveil.db'}"
+    store = MetricsStore(url)
+    for run_id in ("ghost", "live", "done"):
+        store.create_run(run_id, mode="sync", secure="none", name="fed")
+        store.heartbeat(run_id)
+    store.finish_run("done", "completed")
+    _kill_server(store, "ghost")
+
+    assert {r["id"]: r["status"] for r in store.list_runs()} == {"ghost": "interrupted", "live": "running",
+                                                                "done": "completed"}
+    assert {r["id"]: r["status"] for r in store.export()["runs"]}["ghost"] == "interrupted"
+    assert cli.main(["status", "--store", url]) == 0
+    assert "ghost: interrupted" in capsys.readouterr().out
+
+    fed = Federation(None, small_config(), store, "next", workdir=tmp_path)  # type: ignore[arg-type]
+    fed._open_run()
+    with store.engine.connect() as conn:  # the rows as written, not a reader's view
+        raw = dict(conn.execute(sa.select(runs.c.id, runs.c.status)).all())
+    assert raw == {"ghost": "interrupted", "live": "running", "done": "completed", "next": "running"}
+    (event,) = [e for e in store.events("ghost") if e["kind"] == "interrupted"]
+    assert "--resume" in event["message"]
+
+
+def test_a_silent_server_on_another_host_is_interrupted_after_the_stale_limit(tmp_path):
+    from fedveil.platform.store import STALE_AFTER, MetricsStore, heartbeats
+
+    store = MetricsStore(f"sqlite:///{tmp_path / 'fedveil.db'}")
+    store.create_run("far", mode="sync", secure="none", name="fed")
+    with store.engine.begin() as conn:
+        conn.execute(heartbeats.insert().values(run_id="far", beat_at=time.time(), pid=1, host="elsewhere"))
+    assert store.mark_interrupted(now=time.time() + STALE_AFTER / 2) == []
+    (closed,) = store.mark_interrupted(now=time.time() + STALE_AFTER + 1)
+    assert closed["id"] == "far" and store.get_run("far")["status"] == "interrupted"
 
 
 @pytest.mark.parametrize("kind", ["fedadam", "fedyogi"])
