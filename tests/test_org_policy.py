@@ -292,3 +292,12 @@ def test_an_async_server_asking_for_dp_off_is_declined_and_stops_sending_work(tm
     trains = [m for m in grid.sent if m.metadata.message_type == wire.TRAIN]
     assert len(trains) == 3  # a declining organization gets no more work in this run
     assert PrivacyLedger(tmp_path / "orgs" / ORG / "privacy-ledger.db", ORG).datasets() == []
+
+
+def test_a_bad_policy_flag_is_a_clear_error(tmp_path, capsys):
+    from fedveil.platform import cli
+
+    cfg = write_config(server_config(), tmp_path / "federation.toml")
+    code = cli.main(["client", "--config", str(cfg), "--org", ORG, "--max-delta", "2", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "policy.max_delta" in err and "fix:" in err and "Traceback" not in err
