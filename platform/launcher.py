@@ -8,6 +8,7 @@ telemetry and update checks are off because deployments are often air-gapped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from fedveil.platform import proctree
 from fedveil.platform.errors import FedveilError
@@ -160,7 +161,15 @@ class ProcessGroup:
         return [name for name, p in self.procs if p.poll() is None]
 
     def stop_all(self, grace: float = 5.0) -> None:
-        """SIGTERM every started process and its whole tree; SIGKILL what is left after `grace` s."""
+        """SIGTERM every started process and its whole tree; SIGKILL what is left after `grace` s.
+
+        A second Ctrl-C or SIGTERM while stopping is ignored: interrupting the stop is what used to
+        leave processes behind, and it ends within grace + 5 s anyway.
+        """
+        with _signals_deferred():
+            self._stop_all(grace)
+
+    def _stop_all(self, grace: float) -> None:
         self._stopping.set()
         roots = [p.pid for _, p in self.procs]
         table = proctree.proc_table()
@@ -187,6 +196,20 @@ class ProcessGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM in the block (main thread only; elsewhere signals are not ours to set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -231,3 +231,58 @@ def test_missing_label_fix_names_a_setting_that_exists(tmp_path):
     from fedveil.platform import config as config_mod
 
     assert config_mod.load(fixed).data.label_column == "diag"
+
+
+# ---- end to end: a real `fedveil demo` / `fedveil server`, stopped by a signal mid-run --------------
+def _flower_processes(flwr_home: Path) -> dict[int, str]:
+    """Processes that carry this work dir's FLWR_HOME: everything the command started, however
+    detached (found independently of fedveil's own process tracking, so this test can fail)."""
+    needle = f"FLWR_HOME={flwr_home}".encode()
+    found = {}
+    for pid in proctree.proc_table():
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+    return found
+
+
+def _signal_mid_run(argv: list[str], workdir: Path, sig: int) -> None:
+    flwr_home = (workdir / "flwr-home").resolve()
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    cmd = subprocess.Popen([sys.executable, "-m", "fedveil.platform.cli", *argv], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any("flwr-serverapp" in c for c in _flower_processes(flwr_home).values()):
+            assert cmd.poll() is None, cmd.stdout.read()
+            time.sleep(1)
+        running = _flower_processes(flwr_home)
+        assert any("flwr-serverapp" in c for c in running.values()), running
+        time.sleep(15)  # the ServerApp is inside the run now (in the handshake it still exits by itself)
+        sent = time.monotonic()
+        cmd.send_signal(sig)
+        cmd.wait(timeout=30)
+        left: dict[int, str] = {}
+        while time.monotonic() - sent < 15:
+            left = _flower_processes(flwr_home)
+            if not left:
+                break
+            time.sleep(0.5)
+        assert left == {}, f"left behind {time.monotonic() - sent:.0f}s after {signal.Signals(sig).name}: {left}"
+        assert cmd.returncode == 130, cmd.stdout.read()
+    finally:
+        if cmd.poll() is None:
+            cmd.kill()
+        for pid in _flower_processes(flwr_home):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_demo_stopped_by_a_signal_leaves_no_process(tmp_path, sig):
+    workdir = tmp_path / "demo"
+    _signal_mid_run(["demo", "--clients", "2", "--proxies", "2", "--rounds", "200", "--no-dashboard",
+                     "--workdir", str(workdir)], workdir, sig)
