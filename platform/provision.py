@@ -373,10 +373,13 @@ def _allowed_private(role: str, name: str) -> set[Path]:
     return allowed
 
 
-def foreign_private_keys(bundle: str | Path, role: str, name: str = "") -> list[Path]:
-    """Files under `bundle` that are private keys this party must not hold (relative paths)."""
+def foreign_private_keys(bundle: str | Path, role: str, name: str = "", within: Path = Path(".")) -> list[Path]:
+    """Files under `bundle` that are private keys this party must not hold (relative paths).
+
+    `within`: where the party's own files sit below `bundle` (e.g. "server" for the operator's --out).
+    """
     bundle = Path(bundle)
-    allowed = _allowed_private(role, name)
+    allowed = {within / p for p in _allowed_private(role, name)}
     found: list[Path] = []
     for count, path in enumerate(p for p in bundle.rglob("*") if p.is_file() and not p.is_symlink()):
         if count >= MAX_SCAN:
@@ -388,10 +391,10 @@ def foreign_private_keys(bundle: str | Path, role: str, name: str = "") -> list[
     return sorted(found)
 
 
-def check_custody(bundle: str | Path, role: str, name: str = "") -> Path:
+def check_custody(bundle: str | Path, role: str, name: str = "", within: Path = Path(".")) -> Path:
     """Refuse a key directory that holds any other party's private key; returns it resolved."""
     bundle = Path(bundle).resolve()
-    foreign = foreign_private_keys(bundle, role, name)
+    foreign = foreign_private_keys(bundle, role, name, within)
     if foreign:
         who = "the server" if role == SERVER else f"{role} {name}"
         shown = ", ".join(str(p) for p in foreign[:6]) + (", ..." if len(foreign) > 6 else "")
@@ -416,8 +419,8 @@ def checked_server_bundle(keys: str | Path) -> Path:
     root = Path(keys).resolve()
     if not root.is_dir():
         raise ConfigError(f"--keys {keys} is not a directory", "pass OUT/server from `fedveil keys init`")
-    check_custody(root, SERVER)
     bundle = server_bundle_root(root)
+    check_custody(root, SERVER, within=bundle.relative_to(root))
     if not (bundle / "superlink.pem").exists():
         raise ConfigError(f"{bundle} has no superlink.pem: it is not the server's bundle",
                           "pass OUT/server from the operator's `fedveil keys init`")

@@ -114,6 +114,8 @@ def test_honest_ceremony_gives_working_keyrings(ceremony):
         assert open_envelope(seal(b"share", client.proxy_public_keys[name], b), proxy.private_key, b) == b"share"
         assert proxy.ckks_public_context == client.ckks_public_context
     server = P.load_server_keyring_dir(out / "server")
+    # `fedveil server --keys` takes OUT/server, or the operator's OUT (server/ + public handout/)
+    assert P.checked_server_bundle(out) == P.checked_server_bundle(out / "server") == (out / "server").resolve()
     assert server.ckks_secret_context and server.ckks_secret_context != client.ckks_public_context
     # the SuperNode registrations are exactly the keys the parties made
     for name in PROXIES + ORGS:
