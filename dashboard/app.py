@@ -23,7 +23,7 @@ import altair as alt
 import streamlit as st
 
 from fedveil.dashboard import views as v
-from fedveil.platform.store import MetricsStore, store_url
+from fedveil.platform.store import MetricsStore, StoreError, store_url
 
 STORE_ENV = "FEDVEIL_DASHBOARD_STORE"
 PASSWORD_ENV = "FEDVEIL_DASHBOARD_PASSWORD"
@@ -90,7 +90,8 @@ CSS = """
 </style>
 """
 
-STATUS_COLOR = {"running": "blue", "completed": "green", "failed": "red", "stopped": "orange"}
+STATUS_COLOR = {"running": "blue", "completed": "green", "failed": "red", "stopped": "orange",
+                "interrupted": "gray"}
 
 
 def _chart(chart: alt.TopLevelMixin) -> None:
@@ -354,6 +355,15 @@ def _body(url: str) -> None:
     try:
         store = _open_store(url)
         runs = store.list_runs()
+    except StoreError as exc:
+        if exc.kind != "no-tables":  # a driver, login, grant or network problem is not "no data yet"
+            _open_store.clear()
+            st.title(":material/shield_lock: fedveil", anchor=False)
+            st.error(f"**error:** {exc.problem}\n\n**fix:** {exc.fix}")
+            return
+        _empty_state("No metrics yet",
+                     "The store has no fedveil tables yet. Start a run and this page fills in by itself.")
+        return
     except Exception as exc:  # noqa: BLE001 - an unreadable or uninitialised store is an empty state
         _empty_state("No metrics yet",
                      "The store has no fedveil tables yet. Start a run and this page fills in by itself.")

@@ -135,6 +135,7 @@ def test_a_run_whose_server_died_is_marked_interrupted_everywhere(tmp_path, caps
     """A ghost reads as `interrupted` in status and export before anything restarts, and a new server
     start closes it so in the store; a live run and a finished one are left alone."""
     from fedveil.aggregator.engine import Federation
+    from fedveil.dashboard import views
     from fedveil.platform import cli
     import sqlalchemy as sa
 
@@ -153,6 +154,8 @@ def test_a_run_whose_server_died_is_marked_interrupted_everywhere(tmp_path, caps
     assert {r["id"]: r["status"] for r in store.export()["runs"]}["ghost"] == "interrupted"
     assert cli.main(["status", "--store", url]) == 0
     assert "ghost: interrupted" in capsys.readouterr().out
+    frame = views.runs_frame(MetricsStore.open_readonly(url).list_runs())  # what the dashboard shows
+    assert dict(zip(frame["Run"], frame["Status"]))["ghost"] == "interrupted"
 
     fed = Federation(None, small_config(), store, "next", workdir=tmp_path)  # type: ignore[arg-type]
     fed._open_run()
@@ -220,10 +223,10 @@ BAD_INPUTS = {
     "num_samples=inf": (_set_metric("num_samples", float("inf")), "metrics.num_samples"),
     "num_samples=-1000": (_set_metric("num_samples", -1000.0), "metrics.num_samples"),
     "num_samples=1e12": (_set_metric("num_samples", 1e12), "metrics.num_samples"),
-    "status is a list": (_set_status('["ok"]'), "status.json"),
-    "status does not parse": (_set_status('{"status": "ok"'), "status.json"),
+    "status-is-a-list": (_set_status('["ok"]'), "status.json"),
+    "status-does-not-parse": (_set_status('{"status": "ok"'), "status.json"),
     "steps=1e300": (_set_metric("steps", 1e300), "metrics.steps"),
-    "unknown proxy": (_rename_payload, "payloads"),
+    "unknown-proxy": (_rename_payload, "payloads"),
 }
 
 
