@@ -155,7 +155,9 @@ class PrivacyLedger:
         try:
             with closing(self._connect()) as con:
                 con.executescript(_SCHEMA)
-                con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE "
+                            "SET value=excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                            (str(SCHEMA_VERSION),))
                 con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('org', ?)", (self.org,))
                 row = con.execute("SELECT value FROM meta WHERE key='org'").fetchone()
         except sqlite3.DatabaseError as exc:
