@@ -26,6 +26,10 @@ def run_mode(path, keys_dir, secure: str, run_id: str = "same", **overrides):
               "orgs": [{"name": n} for n in ("hospital-a", "hospital-b", "hospital-c", "hospital-d")]}
     values.update(overrides)
     cfg = small_config(**values)
+    for org in cfg.orgs:  # each org's split secret, the same in every run: the same records train and validate
+        secret = path / "orgs" / org.name / "split.secret"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(org.name.encode().ljust(32, b"\0"))
     return run_federation(path, cfg, run_id, keys_dir=keys_dir)
 
 
@@ -33,6 +37,14 @@ def test_secure_modes_give_the_same_model_as_plaintext(tmp_path, keys):
     # DP noise is drawn from os.urandom (a server-known seed would void DP), so compare without it.
     deterministic = {"privacy.enabled": False}
     plain, _, _ = run_mode(tmp_path / "none", keys, "none", **deterministic)
+    # each organization pins its validation split with a secret in its work dir: the same orgs, same split
+    import shutil
+
+    for secret in (tmp_path / "none" / "orgs").glob("*/*.secret"):
+        for run in ("ss", "ckks"):
+            target = tmp_path / run / "orgs" / secret.parent.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(secret, target / secret.name)
     shared, store_ss, _ = run_mode(tmp_path / "ss", keys, "secret-sharing", **deterministic)
     ckks, store_ckks, _ = run_mode(tmp_path / "ckks", keys, "ckks", **deterministic)
     assert store_ss.rounds("same")[0]["participants"] == 4
