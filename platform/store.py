@@ -7,15 +7,18 @@ so that a dashboard on another machine can read from PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
+
+from fedveil.platform.errors import FedveilError
 
 metadata = sa.MetaData()
 
@@ -145,6 +148,89 @@ def store_url(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'fedveil.db'}"
 
 
+STORE_URL_ENV = "FEDVEIL_STORE_URL"  # where a store URL with a password belongs: never on a command line
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: show nothing secret-looking
+        return url.split("@")[-1]
+
+
+class StoreError(FedveilError):
+    """The store cannot be used: `kind` is driver, url, access, login, unreachable or no-tables."""
+
+    def __init__(self, kind: str, problem: str, fix: str) -> None:
+        super().__init__(problem, fix)
+        self.kind = kind
+
+
+def explain_store_error(exc: BaseException, url: str) -> StoreError | None:
+    """A driver, connection or permission failure as `error:`/`fix:`; None for anything else.
+
+    The dashboard and `fedveil export` used to show these as "no tables yet" or an internal
+    error, which sent users after the wrong problem.
+    """
+    shown = safe_url(url)
+    text = str(getattr(exc, "orig", None) or exc)
+    low = text.lower()
+    if isinstance(exc, (ModuleNotFoundError, sa.exc.NoSuchModuleError)):
+        if "psycopg" in low or "postgres" in low or url.startswith("postgres"):
+            return StoreError("driver", f"the PostgreSQL driver for {shown} is not installed ({text})",
+                                'pip install "fedveil[postgres]" (it installs psycopg)')
+        return StoreError("driver", f"no database driver for {shown} ({text})", "install the driver SQLAlchemy names above")
+    if isinstance(exc, sa.exc.ArgumentError):
+        return StoreError("url", f"{shown} is not a database URL ({text})",
+                            "use sqlite:///PATH/fedveil.db or postgresql://USER@HOST:5432/DB")
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    if "permission denied" in low or "insufficientprivilege" in low or "readonly database" in low:
+        return StoreError("access", f"the store {shown} refused access: {text.strip().splitlines()[0]}",
+                            "grant this role access to fedveil's tables, e.g. GRANT SELECT ON ALL TABLES IN SCHEMA "
+                            "public TO <role> (the writer needs INSERT/UPDATE/DELETE/CREATE too)")
+    if "password authentication failed" in low or "no password supplied" in low:
+        return StoreError("login", f"the store {shown} rejected the login: {text.strip().splitlines()[0]}",
+                            f"put the password in PGPASSWORD or ~/.pgpass, or the full URL in {STORE_URL_ENV} "
+                            "(never on the command line)")
+    if "no such table" in low or "undefinedtable" in low or ("relation" in low and "does not exist" in low):
+        return StoreError("no-tables", f"the store {shown} has no fedveil tables yet",
+                          "start a run that writes to it (fedveil demo / fedveil server with this store)")
+    if isinstance(exc, sa.exc.OperationalError):
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return StoreError("unreachable", f"cannot reach the store {shown}: {first}",
+                            "check that the database server runs and the host, port and database name in the URL")
+    return None
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """PostgreSQL waits forever for a host that drops packets by default; fail within 10 s instead."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        return {"connect_timeout": 10}
+    return {}
+
+
+def url_from_env(default: str | None = None) -> str | None:
+    """The store URL from FEDVEIL_STORE_URL (where a password may live), else `default`."""
+    return os.environ.get(STORE_URL_ENV) or default
+
+
+@contextlib.contextmanager
+def explained(url: str) -> Iterator[None]:
+    """Turn driver, connection and permission failures into a StoreError (error:/fix:)."""
+    try:
+        yield
+    except FedveilError:
+        raise
+    except Exception as exc:
+        err = explain_store_error(exc, url)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def _enable_sqlite_wal(engine: sa.Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -195,11 +281,12 @@ class MetricsStore:
         self.url = url
         if url.startswith("sqlite:///") and create:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            _enable_sqlite_wal(self.engine)
-        if create:
-            metadata.create_all(self.engine)
+        with explained(url):
+            self.engine = sa.create_engine(url, future=True, connect_args=_connect_args(url))
+            if self.engine.dialect.name == "sqlite":
+                _enable_sqlite_wal(self.engine)
+            if create:
+                metadata.create_all(self.engine)
             _add_missing_columns(self.engine)
 
     @classmethod
@@ -353,7 +440,7 @@ class MetricsStore:
 
     # ---- reads (dashboard, export) ------------------------------------------------------
     def _select(self, query: Any) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with explained(self.url), self.engine.connect() as conn:
             return _rows(conn.execute(query))
 
     def list_runs(self) -> list[dict[str, Any]]:

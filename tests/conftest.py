@@ -31,13 +31,15 @@ def make_local_federation(tmp_path: Path, cfg, *, delays: dict | None = None, de
 
 
 def run_federation(path: Path, cfg, run_id: str = "r1", *, resume: bool = False, keys_dir: Path | None = None,
-                   **grid_options):
-    """Run `cfg` to completion on the in-process grid; returns (federation, store, grid)."""
+                   store_url: str | None = None, **grid_options):
+    """Run `cfg` to completion on the in-process grid; returns (federation, store, grid).
+
+    The store is PATH/fedveil.db unless `store_url` names another (tests/test_postgres.py)."""
     from fedveil.aggregator.engine import Federation
     from fedveil.platform.provision import load_server_keyring_dir
     from fedveil.platform.store import MetricsStore
 
-    store = MetricsStore(f"sqlite:///{path / 'fedveil.db'}")
+    store = MetricsStore(store_url or f"sqlite:///{path / 'fedveil.db'}")
     grid = make_local_federation(path, cfg, keys_dir=keys_dir, **grid_options)
     server_keys = None if keys_dir is None else load_server_keyring_dir(keys_dir / "server")
     fed = Federation(grid, cfg, store, run_id, workdir=path, handshake_timeout=30, resume=resume,
