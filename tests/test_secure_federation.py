@@ -6,6 +6,8 @@ come out the same (up to the fixed-point / CKKS precision), so security costs no
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -38,8 +40,6 @@ def test_secure_modes_give_the_same_model_as_plaintext(tmp_path, keys):
     deterministic = {"privacy.enabled": False}
     plain, _, _ = run_mode(tmp_path / "none", keys, "none", **deterministic)
     # each organization pins its validation split with a secret in its work dir: the same orgs, same split
-    import shutil
-
     for secret in (tmp_path / "none" / "orgs").glob("*/*.secret"):
         for run in ("ss", "ckks"):
             target = tmp_path / run / "orgs" / secret.parent.name
