@@ -241,8 +241,10 @@ def test_server_chosen_weights_are_refused_and_staleness_weights_keep_the_floor(
     with pytest.raises(AggregationRefused, match="exceeds async.max_staleness=10"):  # alone, org-a is never combined
         aggregate_task(proxies[ps[0]], task, payloads(ps[0]))
     sent = {org: client_payloads(cfg, fed_keys, org, v, task_ids[org], ps) for org, v in (("org-a", VICTIM), ("org-b", OTHER))}
-    # the most the server can do: the other client at max_staleness, weighted by the floor alpha(10)
+    # the most the server can do: the other client at max_staleness, weighted by the floor alpha(10); options
+    # that would round that weight to 0 (a 2^0 weight grid) are ignored: a proxy encodes by its own config
     task = server_task(cfg, f"{RUN}:aggregate-1", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 10})
+    task["options"] = {"weight_bits": 0, "spare_levels": 0, "max_clients": 1000}
     results = [aggregate_task(proxies[p], task, payloads(p)) for p in ps]
     assert all(r.included == ["org-a", "org-b"] for r in results)
     total = finish(cfg, fed_keys, [r.partial for r in results], L)
