@@ -100,8 +100,10 @@ class SecureMode(Protocol):
     ) -> CombineResult:
         """Proxy side: open, guard, and sum the payloads (keyed by client id). `binding.client_id` is ignored.
 
-        `task_ids` (optional) gives the train task each client's payload is bound to; clients not in it
-        (or all, when it is None) are opened against `binding.task_id`.
+        `weights` are the factors the proxy computed from its own config (staleness weights in (0, 1],
+        `fedveil.secure.staleness`), never values taken from the server. `task_ids` (optional) gives the
+        train task each client's payload is bound to; clients not in it (or all, when it is None) are
+        opened against `binding.task_id`.
         """
         ...
 
