@@ -115,6 +115,9 @@ def test_relative_key_paths_survive_the_superlink_running_in_its_work_dir(tmp_pa
     from fedveil.platform.cli import _tls_files
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "keys" / "server").mkdir(parents=True)
+    for name in ("ca.pem", "superlink.pem", "superlink.key"):  # _tls_files checks they exist
+        (tmp_path / "keys" / "server" / name).write_text("x")
     tls = _tls_files("keys")
     for path in (tls.ca_cert, tls.server_cert, tls.server_key):
         assert path.is_absolute() and str(path).startswith(str(tmp_path))
