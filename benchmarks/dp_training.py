@@ -78,7 +78,7 @@ def noise_benchmark(repeats: int, quick: bool) -> list[dict]:
     secure, gen = SecureGaussian(), torch.Generator().manual_seed(0)
     ratios, t_sec, t_mt = [], [], []
     for _ in range(repeats):
-        a = _time_per_call(lambda: torch.from_numpy(secure.normal(1.0, n)).to(torch.float32), 3)
+        a = _time_per_call(lambda: secure.normal(1.0, n).to(torch.float32), 3)
         b = _time_per_call(lambda: torch.normal(0.0, 1.0, size=(n,), generator=gen), 3)
         t_sec.append(a)
         t_mt.append(b)

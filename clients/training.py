@@ -416,13 +416,12 @@ def _noise_source(dp: DPSettings, seed: int, device: torch.device) -> NoiseFn:
 
         gen = torch.Generator(device=device).manual_seed(seed)
         return lambda std, ref: _generate_noise(std=std, reference=ref, generator=gen)
-    stream = SecureGaussian.from_seed(seed) if dp.reproducible else SecureGaussian()
+    stream = SecureGaussian.from_seed(seed, device) if dp.reproducible else SecureGaussian(device=device)
 
     def draw(std: float, ref: torch.Tensor) -> torch.Tensor:
         if std == 0:
             return torch.zeros_like(ref)
-        z = torch.from_numpy(stream.normal(std, ref.numel()))
-        return z.to(device=ref.device, dtype=ref.dtype).view(ref.shape)
+        return stream.normal(std, ref.numel()).to(device=ref.device, dtype=ref.dtype).view(ref.shape)
 
     return draw
 

@@ -36,7 +36,7 @@ def _one_thread():
 
 
 def test_secure_normals_have_mean_0_std_1_and_a_gaussian_shape():
-    z = SecureGaussian().standard_normal(N)
+    z = SecureGaussian().standard_normal(N).numpy()
     assert z.shape == (N,) and z.dtype == np.float64 and np.all(np.isfinite(z))
     se = 1 / math.sqrt(N)
     assert abs(z.mean()) < 6 * se  # mean 0
@@ -45,15 +45,15 @@ def test_secure_normals_have_mean_0_std_1_and_a_gaussian_shape():
     assert abs(np.mean(np.abs(z) > 3) - 0.0026998) < 6 * math.sqrt(0.0027 / N)  # tails are right
     assert stats.kstest(z[:200_000], "norm").pvalue > 1e-6
     # scaled draws: N(0, std^2)
-    w = SecureGaussian().normal(2.5, N)
+    w = SecureGaussian().normal(2.5, N).numpy()
     assert abs(w.std() - 2.5) < 2.5 * 6 * math.sqrt(0.5) * se
 
 
 def test_pairs_are_independent_and_draws_never_repeat():
     g = SecureGaussian()
-    a, b = g.standard_normal(N), g.standard_normal(N)
+    a, b = g.standard_normal(N).numpy(), g.standard_normal(N).numpy()
     assert not np.array_equal(a, b)  # the stream continues
-    assert not np.array_equal(a, SecureGaussian().standard_normal(N))  # a fresh key, fresh noise
+    assert not np.array_equal(a, SecureGaussian().standard_normal(N).numpy())  # a fresh key, fresh noise
     # the two normals of a Box-Muller pair are uncorrelated
     assert abs(np.corrcoef(a[0::2], a[1::2])[0, 1]) < 6 / math.sqrt(N / 2)
 
@@ -68,10 +68,10 @@ def test_normals_are_box_muller_of_the_aes_ctr_keystream():
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
         r = math.sqrt(-2 * math.log(1 - u1))
         want += [r * math.cos(2 * math.pi * u2), r * math.sin(2 * math.pi * u2)]
-    got = SecureGaussian(key).standard_normal(3)
+    got = SecureGaussian(key).standard_normal(3).numpy()
     np.testing.assert_allclose(got, want[:3], rtol=1e-12)
     # bytes of zeros give u1 = 0 -> radius sqrt(-2 log 1) = 0: never log(0)
-    assert np.array_equal(normals_from_bytes(bytes(stream_bytes_for(4)), 4), np.zeros(4))
+    assert np.array_equal(normals_from_bytes(bytes(stream_bytes_for(4)), 4).numpy(), np.zeros(4))
     with pytest.raises(ValueError, match="random bytes"):
         normals_from_bytes(bytes(15), 2)
     with pytest.raises(ValueError, match="32 bytes"):
@@ -80,15 +80,15 @@ def test_normals_are_box_muller_of_the_aes_ctr_keystream():
 
 def test_the_stream_is_the_same_however_it_is_sliced_into_draws():
     """Per-layer draws (many small ones) and one big draw give the same normals, across refills."""
-    whole = SecureGaussian.from_seed(3).standard_normal(3 * SecureGaussian.BLOCK + 5)
+    whole = SecureGaussian.from_seed(3).standard_normal(3 * SecureGaussian.BLOCK + 5).numpy()
     g = SecureGaussian.from_seed(3)
-    parts = [g.standard_normal(k) for k in (1, 7, SecureGaussian.BLOCK, 2 * SecureGaussian.BLOCK - 3)]
+    parts = [g.standard_normal(k).numpy() for k in (1, 7, SecureGaussian.BLOCK, 2 * SecureGaussian.BLOCK - 3)]
     assert np.array_equal(np.concatenate(parts), whole)
 
 
 def test_seeded_streams_are_reproducible_for_tests_only():
-    assert np.array_equal(SecureGaussian.from_seed(7).standard_normal(10), SecureGaussian.from_seed(7).standard_normal(10))
-    assert not np.array_equal(SecureGaussian.from_seed(7).standard_normal(10), SecureGaussian.from_seed(8).standard_normal(10))
+    assert torch.equal(SecureGaussian.from_seed(7).standard_normal(10), SecureGaussian.from_seed(7).standard_normal(10))
+    assert not torch.equal(SecureGaussian.from_seed(7).standard_normal(10), SecureGaussian.from_seed(8).standard_normal(10))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_training_adds_exactly_the_secure_streams_noise(digits, mode):
     T.train(model, tr, s, T.DPSettings(max_grad_norm=C, grad_sample_mode=mode, reproducible=True), sigma)
     added = -(_flat(model).double() - w0) * n  # = summed clipped grads (|.| <= n*C) + noise
     stream = SecureGaussian.from_seed(seed * 2 + 2)
-    want = torch.cat([torch.from_numpy(stream.normal(sigma * C, p.numel())) for p in model.parameters()])
+    want = torch.cat([stream.normal(sigma * C, p.numel()) for p in model.parameters()])
     torch.testing.assert_close(added, want.to(torch.float32).double(), rtol=0, atol=n * C + 1e-3)
     assert abs(added.std().item() - 1.0) < 0.05 and abs(added.mean().item()) < 0.05
 
