@@ -270,8 +270,8 @@ def parse_hello(reply: Message) -> tuple[str, dict[str, Any]]:
     """(status, info) of a hello reply; an ok one is a well-formed client or proxy description."""
     info = read_status(_content(reply))
     if info["status"] == wire.OK:
-        role = info.get("role")
-        _validate(ProxyHello if role == "proxy" else ClientHello, info, "hello")
+        model = _validate(ProxyHello if info.get("role") == "proxy" else ClientHello, info, "hello")
+        info = {**info, **model.model_dump()}  # typed values: a count sent as 150.0 is kept as 150
     return info["status"], info
 
 

@@ -462,3 +462,27 @@ def test_aggregate_survives_lying_proxies_and_uses_only_their_valid_partials(tmp
                     (case.label, case.bad, [e["message"] for e in events])
         if total is not None:
             assert total.shape == (LENGTH,) and np.all(np.isfinite(total))
+
+
+GOOD_HELLO = {"status": "ok", "role": "client", "name": "hospital-a", "num_samples": 120, "num_val": 30,
+              "input_shape": [30], "num_classes": 2, "epsilon": 0.0, "budget": 10.0}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_samples": float("nan")}, "hello.num_samples"), ({"num_samples": -1}, "hello.num_samples"),
+    ({"num_samples": [120]}, "hello.num_samples"), ({"input_shape": "30"}, "hello.input_shape"),
+    ({"input_shape": []}, "hello.input_shape"), ({"num_classes": 0}, "hello.num_classes"),
+    ({"role": "server"}, "hello.role"), ({"name": ""}, "hello.name"), ({"epsilon": float("inf")}, "hello.epsilon"),
+])
+def test_a_malformed_hello_is_refused_naming_the_field(change, field):
+    info = {**GOOD_HELLO, **change}
+    content = RecordDict({"status": ConfigRecord({"json": json.dumps(info)})})
+    with pytest.raises(boundary.BadReply) as caught:
+        boundary.parse_hello(Message(content, reply_to=_request(101, wire.HELLO)))
+    assert caught.value.field.startswith(field), caught.value.problem
+
+
+def test_a_good_hello_is_typed_so_its_sample_count_bounds_later_replies():
+    content = RecordDict({"status": ConfigRecord({"json": json.dumps({**GOOD_HELLO, "num_samples": 120.0})})})
+    status, info = boundary.parse_hello(Message(content, reply_to=_request(101, wire.HELLO)))
+    assert status == wire.OK and info["num_samples"] == 120 and isinstance(info["num_samples"], int)
