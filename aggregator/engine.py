@@ -624,7 +624,6 @@ class Federation:
         """Close the store's runs whose server died as `interrupted`, then start this run, or with
         `resume` continue it under the same id (its rounds and events stay one history)."""
         for ghost in self.store.mark_interrupted(exclude=self.run_id):
-            self.store.record_event(ghost["id"], "interrupted", ghost["message"], level="warn")
             self.progress(f"run {ghost['id']} had lost its server; it is marked interrupted")
         previous = self.store.resume_run(self.run_id) if self.resume else None
         if previous is None:

@@ -361,6 +361,7 @@ def _server_run_name(url: str, federation_name: str, resume: bool) -> str:
     if resume:
         store = MetricsStore(url)
         try:
+            store.mark_interrupted()
             found = store.latest_unfinished_run(federation_name)
             if found is not None:
                 previous = store.resume_run(found)

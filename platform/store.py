@@ -345,7 +345,8 @@ class MetricsStore:
         A server is gone when its heartbeat is older than `stale_after` seconds, when its process
         on this host no longer exists, or when it never beat and started longer ago than that (a
         store written before heartbeats). Called by a server at start, so a killed run does not
-        stay `running` forever; `exclude` is the run that server is about to (re)start.
+        stay `running` forever; `exclude` is the run that server is about to (re)start. Each run
+        closed gets an `interrupted` event.
         """
         now = time.time() if now is None else now
         closed = []
@@ -361,6 +362,7 @@ class MetricsStore:
                 with self.engine.begin() as conn:
                     conn.execute(runs.update().where(runs.c.id == run["id"], runs.c.status == "running")
                                  .values(status="interrupted", finished_at=last, message=message))
+                self.record_event(run["id"], "interrupted", message, level="warn")
                 closed.append({**run, "status": "interrupted", "finished_at": last, "message": message})
         return closed
 

@@ -276,3 +276,26 @@ def test_a_sample_count_beyond_the_tolerance_is_refused_and_within_it_accepted(t
     assert status == {"hospital-a": "ok", "hospital-b": "rejected", "hospital-c": "ok"}
     (event,) = [e for e in store.events("r1") if e["kind"] == "rejected"]
     assert "num_samples_tolerance" in event["message"] and "declared at hello" in event["message"]
+
+
+def test_fedveil_server_resume_picks_the_unfinished_run_and_keeps_its_id(tmp_path, capsys):
+    """`fedveil server --resume` submits the newest unfinished run of the federation under its own id,
+    already `running` so that following it does not stop at its old status."""
+    from fedveil.platform import cli
+    from fedveil.platform.store import MetricsStore
+
+    url = f"sqlite:///{tmp_path / 'fedveil.db'}"
+    store = MetricsStore(url)
+    store.create_run("fed-old", mode="sync", secure="none", name="fed")
+    store.finish_run("fed-old", "completed")
+    store.create_run("other-1", mode="sync", secure="none", name="other")
+    store.create_run("fed-killed", mode="sync", secure="none", name="fed")
+    _kill_server(store, "fed-killed")
+
+    assert cli._server_run_name(url, "fed", resume=True) == "fed-killed"
+    assert store.get_run("fed-killed")["status"] == "running"  # beaten by this (live) process now
+    assert "resuming run fed-killed (it was interrupted)" in capsys.readouterr().out
+    assert [e["kind"] for e in store.events("fed-killed")] == ["interrupted"]
+    fresh = cli._server_run_name(url, "new-fed", resume=True)
+    assert fresh.startswith("new-fed-") and store.get_run(fresh) is None
+    assert cli._server_run_name(url, "fed", resume=False).startswith("fed-2")
