@@ -310,7 +310,7 @@ def _secure(run: dict, rounds: list, events: list) -> None:
 
 
 def _system(run: dict, rounds: list, clients: list, events: list, nodes: list, colors: dict) -> None:
-    nf = v.nodes_frame(nodes)
+    nf = v.nodes_frame(nodes, run_status=run.get("status"))
     drops = v.dropouts(clients, events)
     stale = v.staleness_values(clients, rounds)
     c = st.columns(5)

@@ -401,15 +401,18 @@ def rejected_frame(events: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return f.rename(columns={"Message": "Reason"})[["Time", "Round", "Source", "Reason"]]
 
 
-def nodes_frame(nodes: Sequence[dict[str, Any]], now: float | None = None) -> pd.DataFrame:
+def nodes_frame(nodes: Sequence[dict[str, Any]], now: float | None = None, run_status: str | None = None) -> pd.DataFrame:
+    """The run's nodes. In an `interrupted` run nobody has heard from them since its server died, so
+    none is shown online (the store still says what they were when last seen)."""
     now = time.time() if now is None else now
+    gone = run_status == "interrupted"
     rows = [
         {
             "Node": n["node_id"],
             "Name": n["name"],
             "Role": n["role"],
-            "Status": n["status"],
-            "Online": str(n["status"]).lower() in ONLINE_STATUSES,
+            "Status": "unknown (server gone)" if gone else n["status"],
+            "Online": not gone and str(n["status"]).lower() in ONLINE_STATUSES,
             "Last seen": f"{fmt_duration(now - float(n['last_seen']))} ago",
         }
         for n in nodes

@@ -156,6 +156,9 @@ def test_a_run_whose_server_died_is_marked_interrupted_everywhere(tmp_path, caps
     assert "ghost: interrupted" in capsys.readouterr().out
     frame = views.runs_frame(MetricsStore.open_readonly(url).list_runs())  # what the dashboard shows
     assert dict(zip(frame["Run"], frame["Status"]))["ghost"] == "interrupted"
+    store.upsert_node("ghost", "101", role="client", name="hospital-a", status="online")
+    nodes = views.nodes_frame(store.nodes("ghost"), run_status=store.get_run("ghost")["status"])
+    assert not nodes["Online"].any()  # nobody has heard from them since the server died
 
     fed = Federation(None, small_config(), store, "next", workdir=tmp_path)  # type: ignore[arg-type]
     fed._open_run()
