@@ -311,3 +311,32 @@ def test_engine_needs_every_partial_unless_the_mode_tolerates_a_missing_one():
     for name, need in (("secret-sharing", 3), ("ckks", 3), ("replicated-sharing", 2)):
         fed.mode = get_mode(name)
         assert fed._partials_needed(3) == need, name
+
+
+@pytest.mark.parametrize("argv, secure, n_proxies", [
+    ([], "replicated-sharing", 3),
+    (["--secure", "secret-sharing"], "secret-sharing", 2),
+    (["--proxies", "2"], "secret-sharing", 2),
+    (["--secure", "ckks"], "ckks", 2),
+])
+def test_demo_default_tolerates_one_dead_proxy(tmp_path, monkeypatch, argv, secure, n_proxies):
+    """`fedveil demo` without a config runs replicated-sharing over 3 proxies (its own orgs opt in to it);
+    an explicit --secure secret-sharing or --proxies 2 keeps the 2-proxy secret-sharing federation."""
+    from fedveil.platform import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(args, cfg):  # stops the demo before it provisions keys or starts processes
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(cli, "_demo_keys", capture)
+    args = cli.build_parser().parse_args(["demo", "--no-dashboard", "--workdir", str(tmp_path), *argv])
+    with pytest.raises(Stop):
+        cli.cmd_demo(args)
+    cfg = seen["cfg"]
+    assert (cfg.federation.secure, len(cfg.proxies.names)) == (secure, n_proxies)
+    assert (secure in cfg.policy.allow_secure) == (secure != "none")
