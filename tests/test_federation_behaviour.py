@@ -302,3 +302,26 @@ def test_fedveil_server_resume_picks_the_unfinished_run_and_keeps_its_id(tmp_pat
     fresh = cli._server_run_name(url, "new-fed", resume=True)
     assert fresh.startswith("new-fed-") and store.get_run(fresh) is None
     assert cli._server_run_name(url, "fed", resume=False).startswith("fed-2")
+
+
+def test_async_rounds_drop_a_bad_reply_and_keep_buffering(tmp_path, monkeypatch):
+    """Async (FedBuff) reads replies through the same boundary: hospital-b's NaN count never enters a buffer."""
+    import fedveil.platform.nodeapp as nodeapp
+    from tests.test_async import async_config
+
+    real_app = nodeapp.app
+
+    def lying_app(msg, context):
+        reply = real_app(msg, context)
+        if context.node_config.get("name") == "hospital-b" and msg.metadata.message_type == "train":
+            reply.content["metrics"]["num_samples"] = float("nan")
+        return reply
+
+    monkeypatch.setattr(nodeapp, "app", lying_app)
+    fed, store, _ = run_federation(tmp_path, async_config(**{"federation.rounds": 2}), "r1")
+    assert store.get_run("r1")["status"] == "completed"
+    assert [r["participants"] for r in store.rounds("r1")] == [2, 2]
+    assert {r["status"] for r in store.client_rounds("r1") if r["org"] == "hospital-b"} == {"rejected"}
+    events = [e for e in store.events("r1") if e["kind"] == "rejected"]
+    assert events and all(e["source"] == "hospital-b" and "metrics.num_samples" in e["message"] for e in events)
+    assert np.all(np.isfinite(fed.weights))
