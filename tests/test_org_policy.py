@@ -279,6 +279,11 @@ def test_client_policy_flags_override_the_orgs_config(tmp_path):
     assert pol.allow_secure == ["ckks"] and pol.require_dp is False and pol.max_delta == 1e-6
     assert (pol.min_noise, pol.max_epsilon, pol.min_aggregate, pol.budget) == (0.8, 3.0, 3, 5.0)
     assert pol.allow_models == ["mlp", "mypkg.models:build"]
+    # the node reads the flags from the org's effective config, written to its own work dir
+    from fedveil.platform.cli import _org_config
+
+    written = _org_config(config_mod.with_overrides(server_config(), policy_overrides(args)), args, tmp_path)
+    assert written.parent == tmp_path.resolve() and config_mod.load(written).policy == pol
     assert policy_overrides(build_parser().parse_args(["client", "--config", "x.toml", "--org", ORG])) == {}
 
 
