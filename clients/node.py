@@ -24,7 +24,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from fedveil.platform import config as config_mod
 from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig, PolicySection
 from fedveil.platform.errors import BudgetExhausted, FedveilError
+
+if TYPE_CHECKING:
+    from fedveil.clients.ledger import Charge
 
 SPLIT_SECRET_BYTES = 32
 
@@ -276,7 +279,7 @@ class TrainOutcome:
     metrics: dict[str, float]
     vector: np.ndarray | None  # n_i * delta_i, flat float64, only when status == ok
     dataset: str = ""
-    charge: Any = None  # clients.ledger.Charge to commit with the reply (None: DP off, nothing to charge)
+    charge: "Charge | None" = None  # committed with the reply by `release` (None: DP off, nothing to charge)
     local: dict[str, float] = field(default_factory=dict)  # logged by the org only, never released
 
 
