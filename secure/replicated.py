@@ -36,7 +36,7 @@ import hashlib
 import os
 import struct
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -333,15 +333,17 @@ def _require_private(keys: ProxyKeyring) -> None:
 
 
 # ---- partials ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class Partial:
-    """A decoded partial: which proxy made it, over which proxies and clients, and its per-share sums."""
+    """A decoded partial: which proxy made it, over which proxies and clients, and its per-share sums
+    (keyed by the proxy that lacks the share)."""
 
-    __slots__ = ("holder", "proxies", "clients", "sums", "frac_bits", "weight_bits")
-
-    def __init__(self, holder: str, proxies: tuple[str, ...], clients: tuple[str, ...], sums: dict[str, np.ndarray],
-                 frac_bits: int, weight_bits: int) -> None:
-        self.holder, self.proxies, self.clients, self.sums = holder, proxies, clients, sums
-        self.frac_bits, self.weight_bits = frac_bits, weight_bits
+    holder: str
+    proxies: tuple[str, ...]
+    clients: tuple[str, ...]
+    sums: dict[str, np.ndarray]
+    frac_bits: int
+    weight_bits: int
 
 
 def encode_partial(holder: str, proxies: Sequence[str], sums: Mapping[str, np.ndarray], included: Sequence[str],

@@ -340,3 +340,43 @@ def test_demo_default_tolerates_one_dead_proxy(tmp_path, monkeypatch, argv, secu
     cfg = seen["cfg"]
     assert (cfg.federation.secure, len(cfg.proxies.names)) == (secure, n_proxies)
     assert (secure in cfg.policy.allow_secure) == (secure != "none")
+
+
+def test_mutated_partials_and_payloads_fail_only_with_clear_errors(fed):
+    """A deviating server or proxy may send any bytes: garbage is refused with ValueError/SecurityError, never a crash."""
+    ck, pks = fed
+    mode = ReplicatedSharingMode()
+    b = binding(16)
+    payloads = protect_all(mode, updates(3, 16), ck, b)
+    good = [mode.combine(payloads[p], b, pks[p], 2).partial for p in PROXIES[:2]]
+    rng = np.random.default_rng(7)
+    for _ in range(1500):
+        blob = bytearray(good[int(rng.integers(2))])
+        for _ in range(int(rng.integers(1, 4))):
+            choice = int(rng.integers(3))
+            if choice == 0 and blob:
+                blob[int(rng.integers(len(blob)))] = int(rng.integers(256))
+            elif choice == 1:
+                del blob[int(rng.integers(len(blob) + 1)):]
+            else:
+                blob += rng.bytes(int(rng.integers(1, 9)))
+        try:
+            mode.finish([good[0], bytes(blob)], 16, ServerKeyring())
+        except (ValueError, AggregationRefused):
+            pass
+    # a client (or its compromised host) may seal any plaintext: mutated share payloads are rejected with a reason
+    from fedveil.secure.envelope import open_envelope, seal
+
+    cb = replace(b, client_id="org-0", proxy_id="proxy-1")
+    plain = open_envelope(payloads["proxy-1"]["org-0"], pks["proxy-1"].private_key, cb)
+    rejected = 0
+    for _ in range(500):
+        data = bytearray(plain)
+        for _ in range(int(rng.integers(1, 4))):
+            if rng.random() < 0.7 and data:
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+            else:
+                del data[int(rng.integers(len(data) + 1)):]
+        blob = seal(bytes(data), ck.proxy_public_keys["proxy-1"], cb)
+        rejected += "org-0" in mode.validate({"org-0": blob}, b, pks["proxy-1"])
+    assert rejected > 250  # most mutations break the structure (a flipped share byte is still a valid share)
