@@ -306,3 +306,16 @@ def test_a_bad_policy_flag_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["client", "--config", str(cfg), "--org", ORG, "--max-delta", "2", "--workdir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "policy.max_delta" in err and "fix:" in err and "Traceback" not in err
+
+
+def test_an_evaluate_task_never_imports_a_factory_the_policy_does_not_allow(org, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / f"{EVIL}.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef build(**kw): raise SystemExit\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arrays = org.weights(server_config())
+    reply = org.send(wire.EVALUATE, {"run_id": "r1"}, server_config(**{"model.name": f"{EVIL}:build"}), arrays)
+    status = wire.reply_status(reply.content)
+    assert status["status"] == wire.ERROR and "policy.allow_models" in status["message"]
+    assert wire.reply_metrics(reply.content) == {} and not marker.exists() and EVIL not in sys.modules
+    reply = org.send(wire.EVALUATE, {"run_id": "r1"}, server_config(), arrays)  # the allowed model still works
+    assert wire.reply_status(reply.content)["status"] == wire.OK and "val_accuracy" in wire.reply_metrics(reply.content)
