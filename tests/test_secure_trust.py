@@ -317,3 +317,36 @@ def test_a_client_update_enters_at_most_one_aggregate(tmp_path, fed_keys, secure
         assert r.included == ["org-c", "org-d"]
         assert {"org-a", "org-b"} <= set(r.rejected) and all("already combined" in r.rejected[o] for o in ("org-a", "org-b"))
     np.testing.assert_allclose(finish(cfg, fed_keys, [r.partial for r in results], L), np.full(L, 3.0), atol=1e-6)
+
+
+def test_the_proxy_node_answers_a_deviating_aggregate_task_with_refused(tmp_path):
+    """Through the real ClientApp on the in-process grid: the server's Message with weights (or, in a sync
+    round, staleness) gets status `refused` naming the reason; the honest Message gets the sum."""
+    from flwr.app import Message, RecordDict
+
+    from fedveil.platform import messages as wire
+    from fedveil.platform.localgrid import grid_for_config
+
+    cfg = own_config("none", mode="sync", **{"orgs": [{"name": o} for o in ORGS[:2]]})
+    grid = grid_for_config(cfg, tmp_path)
+    proxy_node = next(nid for nid, n in grid.nodes.items() if n.node_config["name"] == "proxy-1")
+    payloads = {"101": VICTIM.astype("<f4").tobytes(), "102": OTHER.astype("<f4").tobytes()}
+
+    def ask(aggregate_id, **extra):
+        task = server_task(cfg, aggregate_id, VICTIM.size, **extra)
+        msg = Message(RecordDict({"task": wire.json_record(task), "payloads": wire.blobs_record(payloads)}),
+                      proxy_node, wire.AGGREGATE)
+        (reply,) = grid.send_and_receive([msg], timeout=30)
+        return wire.reply_status(reply.content), reply
+
+    try:
+        info, _ = ask("t-w", weights={"101": 1.0, "102": 0.0})
+        assert info["status"] == wire.REFUSED and "never takes from the server" in info["message"]
+        info, _ = ask("t-s", staleness={"101": 0, "102": 10})
+        assert info["status"] == wire.REFUSED and "carry no per-client weights" in info["message"]
+        info, reply = ask("t-ok")
+        assert info["status"] == wire.OK and sorted(info["included"]) == ["101", "102"]
+        total = np.frombuffer(wire.reply_blobs(reply.content)["partial"], dtype=np.float64)
+        np.testing.assert_allclose(total, VICTIM + OTHER, atol=1e-6)
+    finally:
+        grid.shutdown()
