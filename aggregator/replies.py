@@ -213,7 +213,8 @@ def read_blobs(content: RecordDict, required: bool) -> dict[str, bytes]:
         except Exception as exc:  # noqa: BLE001 - numpy raises many kinds on a corrupt .npy body
             raise BadReply(f"payloads.{key}", f"unreadable array ({type(exc).__name__})") from None
         if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= MAX_BLOB:
-            raise BadReply(f"payloads.{key}", f"{data.dtype} array of {data.size} values; expected 1 to {MAX_BLOB} bytes")
+            raise BadReply(f"payloads.{key}",
+                           f"{data.dtype} array of {data.size} values; expected 1 to {MAX_BLOB} bytes")
         out[key] = data.tobytes()
     return out
 
@@ -284,8 +285,8 @@ def parse_proxy_reply(reply: Message, *, sent: Iterable[str], want_partial: bool
     content = _content(reply)
     info = read_status(content)
     metrics = read_metrics(content)
-    verdict = _validate(ProxyVerdict, {k: info[k] for k in ("included", "rejected") if k in info and info[k] is not None},
-                        "status")
+    given = {k: info[k] for k in ("included", "rejected") if info.get(k) is not None}
+    verdict = _validate(ProxyVerdict, given, "status")
     sent_ids = set(sent)
     for where, ids in (("status.included", verdict.included), ("status.rejected", list(verdict.rejected))):
         strangers = sorted(set(ids) - sent_ids)
