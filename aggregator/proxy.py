@@ -135,8 +135,14 @@ def screen(identity: ProxyIdentity, cfg: "FedveilConfig", guard: SqliteReplayGua
     """
     rejected: dict[str, str] = {}
     weights: dict[str, float] | None = None
+    tasks = _train_tasks(payloads, task_id, task_ids)
     if cfg.staleness_weighted():
         weights, rejected = staleness_weights(dict(staleness or {}), sorted(payloads), cfg.async_)
+        for cid in [c for c in weights if tasks[c] == task_id and (staleness or {}).get(c, 0) != 0]:
+            # semi-sync: a payload answering this round's own task is fresh by definition
+            rejected[cid] = (f"it answers this aggregate's own task {task_id}, so it is fresh; staleness "
+                             f"{(staleness or {})[cid]!r} is refused")
+            del weights[cid]
         if all(w == 1.0 for w in weights.values()):
             weights = None  # the exact unweighted path
     elif staleness is not None:
@@ -144,7 +150,6 @@ def screen(identity: ProxyIdentity, cfg: "FedveilConfig", guard: SqliteReplayGua
             f"proxy {identity.name}: its config runs {cfg.federation.mode} rounds (late_replies = "
             f"{cfg.federation.late_replies!r}), which carry no per-client weights; a task that sends staleness is "
             "refused (clients already weight their updates by n_i)")
-    tasks = _train_tasks(payloads, task_id, task_ids)
     for (train_task, cid), aggregate_id in guard.combined_in(run_id, ((tasks[c], c) for c in sorted(payloads))).items():
         rejected[cid] = (f"its update for train task {train_task} was already combined by this proxy (aggregate "
                          f"{aggregate_id}); a client update enters at most one aggregate")

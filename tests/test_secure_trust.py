@@ -350,3 +350,28 @@ def test_the_proxy_node_answers_a_deviating_aggregate_task_with_refused(tmp_path
         np.testing.assert_allclose(total, VICTIM + OTHER, atol=1e-6)
     finally:
         grid.shutdown()
+
+
+def test_semi_sync_fresh_updates_cannot_be_down_weighted(tmp_path, fed_keys):
+    """Semi-sync carry: a payload answering the round's own task is fresh, so the server cannot give it a
+    staleness (only carried late updates are weighted); the honest carry round weights the late one."""
+    from fedveil.aggregator.proxy import aggregate_task, validate_task
+
+    cfg = own_config("secret-sharing", mode="semi-sync")
+    ps = proxies_for("secret-sharing")
+    proxies = {p: make_proxy(tmp_path, fed_keys, p, cfg) for p in ps}
+    L = VICTIM.size
+    now, late = f"{RUN}:round-3", f"{RUN}:round-2"
+    sent = {"org-a": client_payloads(cfg, fed_keys, "org-a", VICTIM, now, ps),
+            "org-b": client_payloads(cfg, fed_keys, "org-b", OTHER, now, ps),
+            "org-c": client_payloads(cfg, fed_keys, "org-c", np.ones(L), late, ps)}
+    task_ids = {"org-a": now, "org-b": now, "org-c": late}
+    bad = server_task(cfg, now, L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 10, "org-c": 1})
+    for p in ps:
+        rejected = validate_task(proxies[p], bad, {o: b[p] for o, b in sent.items()})
+        assert set(rejected) == {"org-b"} and "fresh" in rejected["org-b"]
+    honest = server_task(cfg, now, L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 0, "org-c": 1})
+    results = [aggregate_task(proxies[p], honest, {o: b[p] for o, b in sent.items()}) for p in ps]
+    assert all(r.included == ["org-a", "org-b", "org-c"] for r in results)
+    total = finish(cfg, fed_keys, [r.partial for r in results], L)
+    np.testing.assert_allclose(total, VICTIM + OTHER + round(2 ** -0.5 * 2**16) / 2**16, atol=1e-6)
