@@ -623,7 +623,7 @@ class Federation:
     def _open_run(self) -> None:
         """Close the store's runs whose server died as `interrupted`, then start this run, or with
         `resume` continue it under the same id (its rounds and events stay one history)."""
-        for ghost in self.store.mark_interrupted(exclude=self.run_id):
+        for ghost in self.store.mark_interrupted():  # this run too, when it is the one being resumed
             self.progress(f"run {ghost['id']} had lost its server; it is marked interrupted")
         previous = self.store.resume_run(self.run_id) if self.resume else None
         if previous is None:

@@ -325,3 +325,34 @@ def test_async_rounds_drop_a_bad_reply_and_keep_buffering(tmp_path, monkeypatch)
     events = [e for e in store.events("r1") if e["kind"] == "rejected"]
     assert events and all(e["source"] == "hospital-b" and "metrics.num_samples" in e["message"] for e in events)
     assert np.all(np.isfinite(fed.weights))
+
+
+def test_the_serverapp_resumes_the_killed_run_under_its_own_id(tmp_path):
+    """The real ServerApp entry point, twice on the in-process grid: a new Flower run with `resume`
+    continues the fedveil run the killed one left, instead of starting `run-<new flower id>`."""
+    from flwr.app import Context, RecordDict
+
+    from fedveil.aggregator import serverapp
+    from fedveil.platform.federation import write_config
+    from fedveil.platform.localgrid import grid_for_config
+    from fedveil.platform.store import MetricsStore, store_url
+
+    def serve(rounds: int, flower_run_id: int, resume: bool) -> None:
+        cfg = small_config(**{"federation.rounds": rounds, "federation.name": "fed"})
+        path = write_config(cfg, tmp_path / f"server-{flower_run_id}.toml")
+        grid = grid_for_config(cfg, tmp_path)
+        context = Context(run_id=flower_run_id, node_id=0, node_config={}, state=RecordDict(),
+                          run_config={"config": str(path), "workdir": str(tmp_path), "resume": resume})
+        try:
+            serverapp.main(grid, context)
+        finally:
+            grid.shutdown()
+
+    serve(1, flower_run_id=7, resume=False)
+    store = MetricsStore(store_url(tmp_path))
+    _kill_server(store, "run-7")
+    serve(2, flower_run_id=8, resume=True)
+    assert [(r["id"], r["status"]) for r in store.list_runs()] == [("run-7", "completed")]
+    assert [r["round"] for r in store.rounds("run-7")] == [1, 2]
+    resumed = [e["message"] for e in store.events("run-7") if e["kind"] in ("interrupted", "resumed")]
+    assert resumed[0] == "run run-7 resumed (it was interrupted)" and "--resume" in resumed[1]  # newest first
