@@ -486,3 +486,60 @@ def test_a_good_hello_is_typed_so_its_sample_count_bounds_later_replies():
     content = RecordDict({"status": ConfigRecord({"json": json.dumps({**GOOD_HELLO, "num_samples": 120.0})})})
     status, info = boundary.parse_hello(Message(content, reply_to=_request(101, wire.HELLO)))
     assert status == wire.OK and info["num_samples"] == 120 and isinstance(info["num_samples"], int)
+
+
+# ---- the proxy role answering mutated requests: its reply always passes the server's boundary -------
+def _proxy_request(rng: random.Random, kind: str, n: int) -> tuple[Message, list[str]]:
+    """A validate/aggregate request as the engine builds it (mode none), then one mutation of its task or payloads."""
+    from fedveil.secure.modes import Binding, ClientKeyring, get_mode
+
+    mode = get_mode("none")
+    task_id = f"fuzz:round-{n}"
+    payloads = {}
+    for cid in SENT:
+        binding = Binding(run_id="fuzz", task_id=task_id, client_id=cid, proxy_id="", mode="none", length=LENGTH)
+        payloads[cid] = mode.protect(np.full(LENGTH, rng.uniform(-1, 1)), ["proxy-1"], binding, ClientKeyring())["proxy-1"]
+    task: dict = {"run_id": "fuzz", "task_id": task_id, "mode": "none", "length": LENGTH, "min_aggregate": 2,
+                  "options": {}}
+    what = rng.randrange(9)
+    if what == 0:
+        task[rng.choice(list(task))] = rng.choice([None, -1, 0, "x", [1], {"a": 1}, 1e300, True])
+    elif what == 1:
+        del task[rng.choice(list(task))]
+    elif what == 2:
+        task[rng.choice(["task_ids", "staleness", "weights"])] = rng.choice([{"101": "other"}, {"101": -5}, [1], "x",
+                                                                            {"999": 1}])
+    elif what == 3:
+        payloads[rng.choice(SENT)] = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+    elif what == 4:
+        payloads[rng.choice(SENT)] = np.full(LENGTH, np.nan).tobytes()
+    elif what == 5:
+        payloads = {cid: blob for cid, blob in payloads.items() if rng.random() < 0.4}
+    content = RecordDict({"task": wire.json_record(task), "payloads": wire.blobs_record(payloads)})
+    if what == 6:
+        _swap(content, "payloads", rng.choice([None, ConfigRecord({"101": b"x"})]))
+    elif what == 7:
+        content["task"]["json"] = rng.choice(["[1]", "{", "null", '{"run_id": 3}'])
+    request = Message(content, 1, kind)
+    request.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return request, sorted(payloads)
+
+
+def test_the_proxy_role_answers_every_mutated_request_with_a_reply_the_server_can_read(tmp_path, clock):
+    """Requests with mutated tasks and payloads through the real node ClientApp in the proxy role: it never
+    raises, and its reply is either a well-formed verdict (naming only clients it was sent) or a status."""
+    from flwr.app import Context
+
+    from fedveil.platform.nodeapp import app
+
+    rng = random.Random(SEED + 13)
+    context = Context(run_id=1, node_id=1, node_config={"role": "proxy", "name": "proxy-1", "workdir": str(tmp_path),
+                                                        "min-aggregate": 2}, state=RecordDict(), run_config={})
+    statuses: dict[str, int] = {}
+    for n in range(1000):
+        kind = rng.choice([wire.AGGREGATE, wire.VALIDATE])
+        request, sent = _proxy_request(rng, kind, n)
+        reply = app(request, context)
+        parsed = boundary.parse_proxy_reply(reply, sent=sent, want_partial=kind == wire.AGGREGATE, min_included=2)
+        statuses[parsed.status] = statuses.get(parsed.status, 0) + 1
+    assert set(statuses) <= {wire.OK, wire.ERROR, wire.REFUSED} and statuses.get(wire.OK, 0) > 50, statuses
