@@ -418,7 +418,7 @@ def checked_server_bundle(keys: str | Path) -> Path:
     """What `fedveil server --keys` uses: the server bundle, after refusing any foreign private key under `keys`."""
     root = Path(keys).resolve()
     if not root.is_dir():
-        raise ConfigError(f"--keys {keys} is not a directory", "pass OUT/server from `fedveil keys init`")
+        raise ConfigError(f"the key directory {root} does not exist", "pass OUT/server from `fedveil keys init`")
     bundle = server_bundle_root(root)
     check_custody(root, SERVER, within=bundle.relative_to(root))
     if not (bundle / "superlink.pem").exists():
@@ -457,18 +457,25 @@ def load_server_keyring_dir(bundle: str | Path) -> ServerKeyring:
 
 
 def check_node_bundle(keys: str | Path, role: str, name: str, manifest_fingerprint: str | None = None) -> None:
-    """Start-up check for `fedveil proxy|client --keys`: custody, pinned manifest, loadable keys.
+    """Start-up check for `fedveil proxy|client --keys`: no other party's private key, and the pinned manifest.
 
-    `manifest_fingerprint` (`fedveil client --manifest-fingerprint`) pins the manifest on the command line too.
+    `manifest_fingerprint` (`fedveil client --manifest-fingerprint`) pins the manifest on the command
+    line; a pin left by `keys install` is checked too. Missing files are left to the caller's
+    file check, which names them all.
     """
     from fedveil.secure import keys as secure_keys
 
-    if role == "client":
-        if manifest_fingerprint:
-            secure_keys.check_manifest_fingerprint(Path(keys) / secure_keys.MANIFEST, manifest_fingerprint)
-        load_client_keyring_dir(keys)
-    else:
-        load_proxy_keyring_dir(keys, name)
+    bundle = Path(keys)
+    if not bundle.is_dir():
+        return
+    check_custody(bundle, "org" if role == "client" else role, name)
+    if role != "client":
+        return
+    manifest = bundle / secure_keys.MANIFEST
+    if manifest_fingerprint:
+        secure_keys.check_manifest_fingerprint(manifest, manifest_fingerprint)
+    if (bundle / PIN_FILE).exists() and manifest.exists():
+        secure_keys.check_manifest_fingerprint(manifest, (bundle / PIN_FILE).read_text().strip())
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

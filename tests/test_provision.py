@@ -187,6 +187,9 @@ def test_a_private_key_under_another_name_is_still_found(ceremony, tmp_path):
     shutil.copytree(hosts / "proxy-1" / "proxies" / "proxy-1", proxy2 / "proxies" / "proxy-1")
     with pytest.raises(SecurityError, match="proxy-1/x25519.key"):
         P.load_proxy_keyring_dir(proxy2, "proxy-2")
+    with pytest.raises(SecurityError, match="proxy-1/x25519.key"):  # `fedveil proxy --keys` at start-up
+        P.check_node_bundle(proxy2, "proxy", "proxy-2")
+    P.check_node_bundle(hosts / "proxy-2", "proxy", "proxy-2")
 
 
 def test_a_tampered_manifest_is_refused(ceremony, tmp_path):
