@@ -240,8 +240,9 @@ def superlink_argv(host: str, port: int, workdir: Path, tls: TlsFiles | None = N
 EXECUTOR_ENV = "FEDVEIL_EXECUTOR"
 # The one place the warm SuperNode's waits are set (Flower's own: 3 s idle, 0.5 s reply, 1 s task).
 NODE_IDLE_POLL_S = 0.2  # SuperNode: next fetch from the SuperLink when nothing was waiting
+NODE_QUIET_POLL_S, NODE_QUIET_AFTER_S = 1.0, 30.0  # ...but this slow once no message came for 30 s
 NODE_REPLY_POLL_S = 0.05  # SuperNode: next check for the ClientApp's reply (in-process state)
-EXECUTOR_TASK_POLL_S = 0.1  # executor: next AcquireTask on the SuperNode's local Runtime API
+EXECUTOR_TASK_POLL_S = 1.0  # executor: idle AcquireTask poll; the SuperNode wakes it when a message arrives
 _warned_stock: list[str] = []
 
 
@@ -275,6 +276,7 @@ def supernode_argv(superlink: str, port: int, node_config: Mapping[str, Any], *,
         return [bin_path("flower-supernode"), *args]
     return [sys.executable, "-m", "fedveil.platform.warm_executor", "supernode",
             "--idle-poll", str(NODE_IDLE_POLL_S), "--reply-poll", str(NODE_REPLY_POLL_S),
+            "--quiet-poll", str(NODE_QUIET_POLL_S), "--quiet-after", str(NODE_QUIET_AFTER_S),
             "--task-poll", str(EXECUTOR_TASK_POLL_S), "--", *args, "--isolation", "process"]
 
 
@@ -295,6 +297,16 @@ def register_supernode(public_key: Path, connection: str, env: Mapping[str, str]
         detail = (out.stdout + out.stderr).strip()[-800:]
         raise FedveilError(f"could not register SuperNode key {public_key}: {detail}",
                            "check that the SuperLink runs with TLS and that the key came from `fedveil keys init`")
+
+
+def register_supernodes(public_keys: list[Path], connection: str, env: Mapping[str, str]) -> None:
+    """Register several keys at once: each `flwr supernode register` is a process start (seconds on
+    a busy host), and nodes are refused until their key is in, so the wait should be one call long."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(public_keys)))) as pool:
+        for future in [pool.submit(register_supernode, pub, connection, env) for pub in public_keys]:
+            future.result()  # the first failure is raised, after every call has ended
 
 
 def prepare_app(workdir: Path) -> Path:

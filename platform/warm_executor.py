@@ -46,6 +46,8 @@ FLWR_INTERNALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("flwr.supernode.cli.flower_supernode", "flower_supernode", ()),
     ("flwr.supernode.start_client_internal", "start_client_internal", ("isolation", "runtime_api_address")),
     ("flwr.supernode.start_client_internal", "time", ()),
+    ("flwr.supernode.start_client_internal", "_pull_and_store_message", ("state", "receive")),
+    ("flwr.supercore.superexec.run_superexec", "time", ()),
     ("flwr.supercore.superexec.run_superexec", "run_superexec",
      ("runtime_api_address", "insecure", "root_certificates_path", "parent_pid", "runtime_dependency_install")),
     ("flwr.supercore.superexec.run_superexec", "get_executor", ("executor_type",)),
@@ -73,6 +75,7 @@ PRELOAD = ("torch", "opacus", "tenseal", "flwr.clientapp", "flwr.supernode.runti
 
 # Until a child has pulled its message (and so knows the message's TTL), this bounds its life.
 START_LIMIT_S = 120.0
+WAKE_SIGNAL = signal.SIGUSR1  # SuperNode -> executor: a message is waiting
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT}
 STOP_GRACE_S = 3.0  # between SIGTERM (error reply, then exit) and SIGKILL
 OBJECT_PULL_RETRY_S = 0.05  # a task's retry when the SuperNode has not stored an object yet
@@ -114,14 +117,27 @@ class CappedTime:
 
     Flower sleeps 3 s when no message is waiting and 0.5 s between checks for the ClientApp's
     reply; nothing else in that module sleeps. Sleeps of a second or more become `idle`, shorter
-    ones at most `reply`.
+    ones at most `reply`. Once no message has come for `quiet_after` seconds (no run is going on),
+    the idle poll slows to `quiet`: every poll is a signed TLS request that the SuperLink serves
+    too, so a fast poll from many idle nodes would cost the server more than a core.
     """
 
-    def __init__(self, idle: float, reply: float) -> None:
+    def __init__(self, idle: float, reply: float, quiet: float | None = None, quiet_after: float = 30.0) -> None:
         self.idle, self.reply = idle, reply
+        self.quiet, self.quiet_after = (idle if quiet is None else quiet), quiet_after
+        self.last_message = time.monotonic()
+
+    def mark(self) -> None:
+        """A message arrived: poll fast again."""
+        self.last_message = time.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.idle if seconds >= 1.0 else min(seconds, self.reply))
+        if seconds < 1.0:
+            time.sleep(min(seconds, self.reply))
+        elif time.monotonic() - self.last_message < self.quiet_after:
+            time.sleep(self.idle)
+        else:
+            time.sleep(self.quiet)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -145,11 +161,43 @@ def fast_object_pulls(pull_objects: Callable[..., Any], backoff: float) -> Calla
     return pull
 
 
-def cap_supernode_waits(idle: float, reply: float) -> None:
+def on_message(*callbacks: Callable[[], None]) -> None:
+    """Call `callbacks` whenever Flower's SuperNode loop has stored a message (so a task is waiting)."""
     from flwr.supernode import start_client_internal as sci
 
-    sci.time = CappedTime(idle, reply)  # type: ignore[assignment]
-    sci.pull_objects = fast_object_pulls(sci.pull_objects, reply)
+    pull_and_store = sci._pull_and_store_message
+
+    def pull_store_and_wake(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull_and_store(*args, **kwargs)
+        if run_id is not None:
+            for callback in callbacks:
+                callback()
+        return run_id
+
+    sci._pull_and_store_message = pull_store_and_wake  # type: ignore[assignment]
+
+
+class WakeableTime:
+    """Stands in for `time` inside Flower's SuperExec loop: its poll sleep ends early on WAKE_SIGNAL.
+
+    The SuperNode wakes the executor when it stores a message, so a task starts at once while the
+    idle poll stays slow and cheap. WAKE_SIGNAL is blocked in this process, so `sigtimedwait` takes
+    it (a wake sent while not sleeping stays pending and ends the next sleep at once).
+    """
+
+    def sleep(self, seconds: float) -> None:
+        signal.sigtimedwait({WAKE_SIGNAL}, seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def cap_supernode_waits(waits: CappedTime) -> CappedTime:
+    from flwr.supernode import start_client_internal as sci
+
+    sci.time = waits  # type: ignore[assignment]
+    sci.pull_objects = fast_object_pulls(sci.pull_objects, waits.reply)
+    return waits
 
 
 # ---- the executor ------------------------------------------------------------------------------
@@ -338,6 +386,8 @@ def _serve_task(spec: Any, deadline_pipe: int) -> None:
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(WAKE_SIGNAL, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WAKE_SIGNAL})
         # A stop before the message is pulled would leave nothing to reply to, and the SuperNode
         # waiting for a reply forever: hold it until the pull is done (the parent SIGKILLs after
         # STOP_GRACE_S if the pull itself hangs).
@@ -381,6 +431,7 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
 
 def run_executor(runtime_api_address: str, parent_pid: int | None, task_poll: float) -> None:
     """Flower's SuperExec loop with the fork executor; returns only through Flower's exit path."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})  # before any thread starts: all inherit it
     os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(task_poll)
     failed = preload()
     if failed:
@@ -389,6 +440,7 @@ def run_executor(runtime_api_address: str, parent_pid: int | None, task_poll: fl
 
     executor = ForkExecutor()
     rs.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
+    rs.time = WakeableTime()  # type: ignore[assignment]
     print(f"fedveil warm executor {os.getpid()} serving {runtime_api_address}", flush=True)
     rs.run_superexec(runtime_api_address=runtime_api_address, insecure=True, root_certificates_path=None,
                      parent_pid=parent_pid, runtime_dependency_install=False)
@@ -425,6 +477,9 @@ class ExecutorSupervisor:
                 "--parent-pid", str(os.getpid()), "--task-poll", str(self.task_poll)]
 
     def run(self) -> None:
+        # The executor inherits this thread's signal mask across exec: WAKE_SIGNAL stays blocked from its
+        # first instruction, so an early wake-up is held until it waits, never fatal (default action).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})
         host, _, port = self.address.rpartition(":")
         while not self.stopping.is_set() and not _port_open(host, int(port)):
             self.stopping.wait(0.1)
@@ -440,6 +495,12 @@ class ExecutorSupervisor:
     def start(self) -> None:
         threading.Thread(target=self.run, name="fedveil-warm-executor", daemon=True).start()
 
+    def wake(self) -> None:
+        """A message was stored for this node: have the executor ask for the task now."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            _kill(proc.pid, WAKE_SIGNAL)
+
     def stop(self) -> None:
         self.stopping.set()
         proc = self.proc
@@ -451,17 +512,18 @@ class ExecutorSupervisor:
                 proc.kill()
 
 
-def run_supernode(flower_args: list[str], idle_poll: float, reply_poll: float, task_poll: float) -> None:
+def run_supernode(flower_args: list[str], waits: CappedTime, task_poll: float) -> None:
     """Flower's own `flower-supernode` main, with capped waits and a supervised warm executor."""
     from flwr.supercore.exit import add_exit_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     if _option(flower_args, "--isolation", "subprocess") != "process":
         flower_args = [*flower_args, "--isolation", "process"]
-    cap_supernode_waits(idle_poll, reply_poll)
+    cap_supernode_waits(waits)
     host = _option(flower_args, "--host", "127.0.0.1")
     port = _option(flower_args, "--port", "9094")
     supervisor = ExecutorSupervisor(f"{host}:{port}", task_poll)
+    on_message(waits.mark, supervisor.wake)
     add_exit_handler(supervisor.stop)
     supervisor.start()
     sys.argv = ["flower-supernode", *flower_args]
@@ -490,13 +552,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("supernode", help="run flower-supernode (ARGS after --) with a warm executor")
     node.add_argument("--idle-poll", type=float, default=0.2)
+    node.add_argument("--quiet-poll", type=float, default=1.0)
+    node.add_argument("--quiet-after", type=float, default=30.0)
     node.add_argument("--reply-poll", type=float, default=0.05)
-    node.add_argument("--task-poll", type=float, default=0.1)
+    node.add_argument("--task-poll", type=float, default=1.0)
     node.add_argument("flower_args", nargs=argparse.REMAINDER)
     ex = sub.add_parser("executor", help="serve a SuperNode's ClientApp tasks from one warm process")
     ex.add_argument("--runtime-api-address", required=True)
     ex.add_argument("--parent-pid", type=int, default=None)
-    ex.add_argument("--task-poll", type=float, default=0.1)
+    ex.add_argument("--task-poll", type=float, default=1.0)
     args = parser.parse_args(argv)
     if args.command == "executor":
         run_executor(args.runtime_api_address, args.parent_pid, args.task_poll)
@@ -508,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(sys.executable, [sys.executable, "-c", "from flwr.supernode.cli import flower_supernode; "
                                   "import sys; sys.argv[0] = 'flower-supernode'; flower_supernode()",
                                   *_without_isolation(flower_args)])
-    run_supernode(flower_args, args.idle_poll, args.reply_poll, args.task_poll)
+    run_supernode(flower_args, CappedTime(args.idle_poll, args.reply_poll, args.quiet_poll, args.quiet_after),
+                  args.task_poll)
 
 
 if __name__ == "__main__":

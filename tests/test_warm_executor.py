@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def test_flwrs_superexec_loop_still_reconciles_and_takes_its_executor_from_get_e
 
     loop = inspect.getsource(rs.run_superexec)
     assert "get_executor(" in loop and "executor.reconcile()" in loop and "launch_task(" in loop
+    assert __import__("re").findall(r"time\.sleep\(([^)]*)\)", inspect.getsource(rs)) == ["task_poll_interval"]
+    from flwr.supernode import start_client_internal as sci
+
+    assert "run_id = _pull_and_store_message(" in inspect.getsource(sci.start_client_internal)
     body = inspect.getsource(rc.run_clientapp)
     assert "pull_task_input(client)" in body and "push_message(client, reply_message, context)" in body
 
@@ -79,12 +84,33 @@ def test_an_unknown_executor_choice_is_a_clear_error(monkeypatch):
 def test_capped_time_shortens_flowers_idle_and_reply_sleeps(monkeypatch):
     slept: list[float] = []
     monkeypatch.setattr(warm_executor.time, "sleep", slept.append)
-    capped = warm_executor.CappedTime(idle=0.2, reply=0.05)
+    capped = warm_executor.CappedTime(idle=0.2, reply=0.05, quiet=1.0, quiet_after=30.0)
     capped.sleep(3)
     capped.sleep(0.5)
     capped.sleep(0.01)
     assert slept == [0.2, 0.05, 0.01]
+    capped.last_message -= 31  # no message for 31 s: poll slowly...
+    capped.sleep(3)
+    capped.mark()  # ...until one comes
+    capped.sleep(3)
+    assert slept[3:] == [1.0, 0.2]
     assert capped.monotonic is warm_executor.time.monotonic  # everything else is the real module
+
+
+def test_the_executors_poll_sleep_ends_at_once_when_the_supernode_wakes_it():
+    wake = {warm_executor.WAKE_SIGNAL}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wake)
+    try:
+        # To this thread, where it is blocked (another thread would take its default action: exit).
+        signal.pthread_kill(threading.main_thread().ident, warm_executor.WAKE_SIGNAL)  # held, not lost
+        start = time.monotonic()
+        warm_executor.WakeableTime().sleep(5.0)
+        assert time.monotonic() - start < 1.0
+        start = time.monotonic()
+        warm_executor.WakeableTime().sleep(0.3)  # no wake pending: the full poll interval
+        assert time.monotonic() - start >= 0.29
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def test_fast_object_pulls_overrides_flowers_one_second_backoff():
@@ -227,6 +253,10 @@ def test_warm_node_serves_tasks_from_one_executor_survives_a_crash_and_a_sigterm
         echo, crash, echo_again = _results(out, 3, 180)
         executor = echo["ppid"]
         assert "fedveil.platform.warm_executor executor" in _cmdline(executor)  # no flwr-clientapp
+        for _ in range(3):  # wake-ups at any moment only end a poll early; they never kill the executor
+            os.kill(executor, warm_executor.WAKE_SIGNAL)
+            time.sleep(0.1)
+        assert _running(executor)
         assert echo_again["ppid"] == executor and echo_again["pid"] != echo["pid"]  # one warm parent, a fork per task
         assert "probe crash" in crash["error"]  # Flower's own error reply for a raising handler
 
