@@ -316,8 +316,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         _say(f"SuperLink listening on {host}:{port}; logs in {workdir / 'logs'}")
         if args.keys:
             registered = sorted((keys / "supernodes").glob("*.pub"))
-            for pub in registered:
-                launcher.register_supernode(pub, "fedveil", env)
+            launcher.register_supernodes(registered, "fedveil", env)  # nodes retry until this is done
             if registered:
                 _say(f"registered {len(registered)} SuperNode keys: {', '.join(p.stem for p in registered)}")
             else:
@@ -609,9 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workdir", help="local state (replay guard or privacy ledger)")
         p.add_argument("--keys", help="this node's key bundle from `fedveil keys init`")
         p.add_argument("--port", type=int, help="local port for the SuperNode's ClientApp API")
-        p.add_argument("--connect-timeout", type=float, default=120,
+        p.add_argument("--connect-timeout", type=float, default=300,
                        help="keep retrying this many seconds while the SuperLink is unreachable or has not "
-                            "admitted this node's key yet (default 120)")
+                            "admitted this node's key yet (default 300)")
         if name == "proxy":
             p.add_argument("--name", required=True, help="proxy name, as listed in proxies.names")
             p.set_defaults(func=cmd_proxy)

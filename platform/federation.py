@@ -104,8 +104,9 @@ class LocalFederation:
                                   None if tls is None else tls.ca_cert)
         self.progress(f"SuperLink on {self.address}" + (" (TLS, SuperNode authentication)" if tls else " (insecure)"))
         if self.keys_dir is not None:
-            for name in list(self.cfg.proxies.names) + [o.name for o in self.cfg.orgs]:
-                launcher.register_supernode(self.keys_dir / name / "supernode.pub", "fedveil-local", self.env)
+            names = list(self.cfg.proxies.names) + [o.name for o in self.cfg.orgs]
+            launcher.register_supernodes([self.keys_dir / n / "supernode.pub" for n in names], "fedveil-local",
+                                         self.env)
         for name in self.cfg.proxies.names:
             self._supernode(f"proxy-{name}", {
                 "role": "proxy", "name": name, "workdir": str(self.workdir / "proxies" / name),
