@@ -505,6 +505,37 @@ class Federation:
         common = set.intersection(*(set(g) for g in groups.values())) - bad
         return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items() if name in ok}
 
+    def _commit_clients(self, rnd: int, task: dict[str, Any], groups: dict[str, dict[str, bytes]],
+                        proxies: list[str]) -> tuple[dict[str, dict[str, bytes]] | None, dict[str, Any]]:
+        """Quorum modes: each proxy commits once to the agreed client set and tags it for its peers.
+
+        The server cannot be trusted to give every proxy the same set, so proxies release only a set a
+        quorum of them committed to (`fedveil.secure.quorum`). Returns the groups of the proxies that
+        committed and the aggregate task carrying `quorum_tags` {recipient: {issuer: hex tag}}, or None
+        when fewer than a quorum committed."""
+        clients = sorted(set.intersection(*(set(g) for g in groups.values()))) if groups else []
+        request = {**task, "proxies": proxies, "clients": clients}
+        answered = self._ask_proxies(rnd, wire.COMMIT, request, {name: {} for name in groups})
+        tags: dict[str, dict[str, str]] = {}
+        committed = []
+        for name, (status, info, _) in sorted(answered.items()):
+            if status != wire.OK:
+                self.event("refused" if status == wire.REFUSED else "error", f"round {rnd}: proxy {name} did not "
+                           f"commit: {info.get('message', status)}", level="warn", source=name, round=rnd)
+                continue
+            committed.append(name)
+            given = info.get("tags")
+            for peer, tag in (given.items() if isinstance(given, dict) else ()):
+                if peer in proxies and isinstance(tag, str) and len(tag) <= 128:
+                    tags.setdefault(peer, {})[name] = tag
+        need = self.mode.quorum_size(len(proxies))
+        if len(committed) < need:
+            self.event("round_skipped", f"round {rnd}: only {len(committed)} of {len(proxies)} proxies committed to "
+                       f"the client set; mode {self.mode.name} releases only with a quorum of {need}", level="warn",
+                       round=rnd)
+            return None, task
+        return {name: groups[name] for name in committed}, {**task, "quorum_tags": tags}
+
     def _partials_needed(self, n_proxies: int) -> int:
         """Partials a shared aggregate cannot do without: all of them, unless the mode tolerates missing ones
         (replicated sharing); `finish` still decides whether the ones that came suffice."""
@@ -531,6 +562,8 @@ class Federation:
         need = self._partials_needed(len(groups))
         if shared and hasattr(self.mode, "validate"):
             narrowed = self._agree_on_clients(rnd, task, groups, contributions)
+            if narrowed is not None and getattr(self.mode, "needs_quorum", False):
+                narrowed, task = self._commit_clients(rnd, task, narrowed, sorted(groups))
             if narrowed is None:
                 return None, [], stats
             groups = narrowed

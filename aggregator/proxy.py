@@ -10,6 +10,9 @@ takes from it only what it can check, and decides the rest from its own config (
   * once per update: a client's update for one train task goes into at most one aggregate,
     whatever aggregate id the server chooses. (run, train task, client) is claimed durably on
     combine, next to every envelope id and the aggregate id.
+  * commit-once (modes with `needs_quorum`, `fedveil.secure.quorum`): the proxy commits durably to one
+    client set per aggregate task (and each update to one aggregate) and tags it for every peer; it
+    releases only that set, holding a quorum of its peers' tags over it.
 A proxy may run every message in a fresh process, so the replay guard lives in SQLite in the
 proxy's work dir: an envelope opens at most once, ever.
 """
@@ -20,8 +23,10 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from fedveil.secure import quorum
+from fedveil.secure.errors import SecurityError
 from fedveil.secure.modes import AggregationRefused, Binding, CombineResult, ProxyKeyring, get_mode
 from fedveil.secure.staleness import staleness_weights
 
@@ -70,6 +75,10 @@ class SqliteReplayGuard:
         self._db.execute("CREATE TABLE IF NOT EXISTS combined (run_id TEXT NOT NULL, train_task TEXT NOT NULL, "
                          "client TEXT NOT NULL, aggregate TEXT NOT NULL, ts REAL NOT NULL, "
                          "PRIMARY KEY (run_id, train_task, client))")
+        self._db.execute("CREATE TABLE IF NOT EXISTS commits (run_id TEXT NOT NULL, task_id TEXT NOT NULL, "
+                         "statement BLOB NOT NULL, ts REAL NOT NULL, PRIMARY KEY (run_id, task_id))")
+        self._db.execute("CREATE TABLE IF NOT EXISTS committed_updates (run_id TEXT NOT NULL, train_task TEXT NOT NULL, "
+                         "client TEXT NOT NULL, task_id TEXT NOT NULL, PRIMARY KEY (run_id, train_task, client))")
 
     def claim(self, envelope_id: bytes) -> bool:
         try:
@@ -103,6 +112,43 @@ class SqliteReplayGuard:
                                  [(run_id, t, c, aggregate_id, now) for t, c in updates])
             self._db.execute("COMMIT")
             return {}
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def commitment(self, run_id: str, task_id: str) -> bytes | None:
+        """The statement this proxy committed to for (run, task), or None."""
+        row = self._db.execute("SELECT statement FROM commits WHERE run_id = ? AND task_id = ?",
+                               (run_id, task_id)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def commit_once(self, run_id: str, task_id: str, statement: bytes, updates: Iterable[tuple[str, str]]) -> str:
+        """Commit (run, task) to `statement` and each (train task, client) to this task, in one transaction.
+
+        Returns "" when committed now or before to the same statement, else why it is refused (another
+        statement for this task, or an update already committed to another task); a refusal commits nothing."""
+        updates = list(updates)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self.commitment(run_id, task_id)
+            if before is not None:
+                self._db.execute("ROLLBACK")
+                return "" if before == statement else (
+                    f"task {task_id} is already committed to another client set or proxy list; a proxy commits once "
+                    "per task")
+            for train_task, client in updates:
+                row = self._db.execute("SELECT task_id FROM committed_updates WHERE run_id = ? AND train_task = ? AND "
+                                       "client = ?", (run_id, train_task, client)).fetchone()
+                if row is not None:
+                    self._db.execute("ROLLBACK")
+                    return (f"client {client}'s update for train task {train_task} is already committed to aggregate "
+                            f"{row[0]}; an update is committed to one aggregate")
+            self._db.execute("INSERT INTO commits (run_id, task_id, statement, ts) VALUES (?, ?, ?, ?)",
+                             (run_id, task_id, statement, time.time()))
+            self._db.executemany("INSERT INTO committed_updates (run_id, train_task, client, task_id) VALUES (?, ?, ?, ?)",
+                                 [(run_id, t, c, task_id) for t, c in updates])
+            self._db.execute("COMMIT")
+            return ""
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -185,6 +231,77 @@ def validate(identity: ProxyIdentity, payloads: Mapping[str, bytes], *, run_id: 
     return {**rejected, **dict(check(rest, binding, proxy_keyring(identity), **extra))}
 
 
+def _needs_quorum(mode: str) -> bool:
+    return bool(getattr(get_mode(mode), "needs_quorum", False))
+
+
+def commit(identity: ProxyIdentity, *, run_id: str, task_id: str, mode: str, proxies: Sequence[str],
+           clients: Sequence[str], task_ids: Mapping[str, str] | None = None,
+           staleness: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Commit once to one aggregate's client set (modes with `needs_quorum`); {peer: hex tag} for every peer.
+
+    The commit is durable and once: a second request for the task with another set, or one that puts a
+    client update already committed to another aggregate, is refused. The same request again gets the
+    same tags (HMAC is deterministic), so a resent commit is harmless."""
+    if not _needs_quorum(mode):
+        raise AggregationRefused(f"proxy {identity.name}: mode {mode} has no commit phase")
+    try:
+        st = quorum.statement(run_id, task_id, proxies, clients, task_ids, staleness)
+    except ValueError as exc:
+        raise AggregationRefused(f"proxy {identity.name}: commit request refused: {exc}") from None
+    if len(st.clients) < identity.min_aggregate:
+        raise AggregationRefused(f"proxy {identity.name}: commit request names {len(st.clients)} client(s); this proxy "
+                                 f"aggregates at least {identity.min_aggregate}")
+    try:
+        tags = quorum.commit_tags(proxy_keyring(identity), st)  # before the record: a key problem commits nothing
+    except SecurityError as exc:
+        raise AggregationRefused(f"proxy {identity.name}: {exc.problem} Fix: {exc.fix}") from None
+    guard = SqliteReplayGuard(identity.workdir / "replay-guard.db")
+    try:
+        refused = guard.commit_once(run_id, task_id, st.encode(), st.updates)
+    finally:
+        guard.close()
+    if refused:
+        raise AggregationRefused(f"proxy {identity.name}: {refused}")
+    return {peer: tag.hex() for peer, tag in tags.items()}
+
+
+def _hex_tags(value: Any) -> dict[str, bytes]:
+    """The tags the server forwarded to this proxy ({issuer: hex}); entries that are not hex are dropped."""
+    out = {}
+    for issuer, tag in (value.items() if isinstance(value, Mapping) else ()):
+        try:
+            out[str(issuer)] = bytes.fromhex(tag)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _committed_release(identity: ProxyIdentity, guard: SqliteReplayGuard, payloads: Mapping[str, bytes], *,
+                       run_id: str, task_id: str, task_ids: Mapping[str, str] | None,
+                       staleness: Mapping[str, Any] | None, tags: Mapping[str, bytes]) -> quorum.Statement:
+    """The statement this proxy committed to, once the aggregate request matches it exactly and a quorum of
+    peers tagged it; else AggregationRefused, before anything is claimed or opened."""
+    stored = guard.commitment(run_id, task_id)
+    if stored is None:
+        raise AggregationRefused(f"proxy {identity.name}: task {task_id} was never committed by this proxy; it releases "
+                                 "only a client set it committed to (the server sends query.commit first)")
+    committed = quorum.Statement.decode(stored)
+    try:
+        asked = quorum.statement(run_id, task_id, committed.proxies, sorted(payloads), task_ids, staleness)
+    except ValueError as exc:
+        raise AggregationRefused(f"proxy {identity.name}: aggregate request refused: {exc}") from None
+    if asked != committed:
+        raise AggregationRefused(
+            f"proxy {identity.name}: the aggregate asks for clients {asked.clients} (with their train tasks and "
+            f"staleness), but this proxy committed task {task_id} to {committed.clients}; it releases only that set")
+    try:
+        quorum.check_quorum(proxy_keyring(identity), committed, tags)
+    except SecurityError as exc:
+        raise AggregationRefused(f"proxy {identity.name}: {exc.problem} Fix: {exc.fix}") from None
+    return committed
+
+
 def aggregate(
     identity: ProxyIdentity,
     payloads: Mapping[str, bytes],
@@ -196,6 +313,7 @@ def aggregate(
     min_aggregate: int,
     staleness: Mapping[str, Any] | None = None,
     task_ids: Mapping[str, str] | None = None,
+    quorum_tags: Mapping[str, bytes] | None = None,
 ) -> CombineResult:
     """Combine one task's payloads, once. Raises AggregationRefused below `min_aggregate` distinct clients.
 
@@ -203,7 +321,9 @@ def aggregate(
     re-sealed update of the same train task under a new aggregate id, would let a server subtract
     two aggregates and isolate one client. `task_ids` names the train task each client's payload
     is bound to (async buffers); `staleness` gives each client's versions behind, from which this
-    proxy computes the weights with its own config.
+    proxy computes the weights with its own config. In a mode that `needs_quorum`, the request must be
+    exactly the statement this proxy committed to, `quorum_tags` ({peer: tag} addressed to this proxy)
+    must hold a quorum over it, and every committed client must make it in, or nothing is released.
     """
     cfg = identity.own_config()
     binding = Binding(run_id=run_id, task_id=task_id, client_id="", proxy_id=identity.name, mode=mode, length=length)
@@ -211,9 +331,14 @@ def aggregate(
     try:
         weights, rejected = screen(identity, cfg, guard, payloads, run_id=run_id, task_id=task_id,
                                    staleness=staleness, task_ids=task_ids)  # a request that breaks the config claims nothing
+        extra: dict[str, Any] = {"task_ids": dict(task_ids)} if task_ids else {}
+        committed = None
+        if _needs_quorum(mode):
+            committed = _committed_release(identity, guard, payloads, run_id=run_id, task_id=task_id,
+                                           task_ids=task_ids, staleness=staleness, tags=quorum_tags or {})
+            extra["proxies"] = committed.proxies
         if not guard.claim(f"task:{run_id}:{task_id}".encode()):
             raise AggregationRefused(f"task {task_id} was already aggregated by this proxy; a task is combined once")
-        extra = {"task_ids": dict(task_ids)} if task_ids else {}
         floor = max(min_aggregate, identity.min_aggregate)
         try:
             result = get_mode(mode, **cfg.secure_options()).combine(
@@ -221,6 +346,10 @@ def aggregate(
                 proxy_keyring(identity), floor, weights=weights, replay_guard=guard, **extra)
         except AggregationRefused as exc:
             raise AggregationRefused(f"{exc}" + (f" (refused before opening: {rejected})" if rejected else "")) from None
+        if committed is not None and result.included != committed.clients:
+            raise AggregationRefused(f"proxy {identity.name}: only {result.included} of the committed clients "
+                                     f"{committed.clients} are valid here ({ {**rejected, **result.rejected} }); a "
+                                     "quorum committed the whole set, so a subset is not released")
         tasks = _train_tasks(payloads, task_id, task_ids)
         taken = guard.claim_updates(run_id, task_id, [(tasks[cid], cid) for cid in result.included])
         if taken:  # another aggregate claimed one of them meanwhile: release nothing
@@ -242,7 +371,19 @@ def validate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Ma
 def aggregate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]) -> CombineResult:
     """`aggregate` for a server's task as it arrives: everything in `task` is the server's choice."""
     _refuse_server_weights(identity, task)
+    tags = task.get("quorum_tags")
     return aggregate(identity, payloads, run_id=str(task["run_id"]), task_id=str(task["task_id"]),
                      mode=str(task["mode"]), length=int(task["length"]), min_aggregate=int(task["min_aggregate"]),
-                     staleness=task.get("staleness"), task_ids=task.get("task_ids"))
+                     staleness=task.get("staleness"), task_ids=task.get("task_ids"),
+                     quorum_tags=_hex_tags(tags.get(identity.name) if isinstance(tags, Mapping) else None))
+
+
+def commit_task(identity: ProxyIdentity, task: Mapping[str, Any]) -> dict[str, str]:
+    """`commit` for a server's commit request as it arrives: the task plus `proxies` and `clients`."""
+    _refuse_server_weights(identity, task)
+    proxies, clients = task.get("proxies"), task.get("clients")
+    if not isinstance(proxies, list) or not isinstance(clients, list):
+        raise AggregationRefused(f"proxy {identity.name}: a commit request names `proxies` and `clients` as lists")
+    return commit(identity, run_id=str(task["run_id"]), task_id=str(task["task_id"]), mode=str(task["mode"]),
+                  proxies=proxies, clients=clients, task_ids=task.get("task_ids"), staleness=task.get("staleness"))
 

@@ -34,14 +34,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fedveil.platform.store import MetricsStore
 
     cfg = config_mod.load(args.config)
-    # Without a config file the demo tolerates one dead proxy: replicated-sharing over 3 proxies
-    # (docs/security.md); an explicit --secure, or --proxies 2, keeps secret-sharing's 2 proxies.
+    # Without a config file the demo tolerates one dead proxy: replicated-sharing over 4 proxies, a
+    # quorum of 3 commits (docs/security.md); an explicit --secure, or --proxies 2 or 3, keeps secret-sharing.
     secure = args.secure
     if secure is None and args.config is None:
-        secure = DEMO_SECURE if args.proxies is None or args.proxies >= 3 else "secret-sharing"
+        secure = DEMO_SECURE if args.proxies is None or args.proxies >= 4 else "secret-sharing"
     proxies = args.proxies
     if proxies is None and args.config is None:
-        proxies = 3 if secure == "replicated-sharing" else 2
+        proxies = 4 if secure == "replicated-sharing" else 2
     overrides: dict[str, Any] = {
         "federation.rounds": args.rounds, "federation.secure": secure, "federation.mode": args.mode,
         "data.source": args.dataset,
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, help="number of rounds (default: config or 5)")
     demo.add_argument("--clients", type=int, help="number of organizations (default 3)")
     demo.add_argument("--proxies", type=int,
-                      help="number of proxy aggregators (default 3 for replicated-sharing, else 2)")
+                      help="number of proxy aggregators (default 4 for replicated-sharing, else 2)")
     demo.add_argument("--dataset", help="breast_cancer, digits, wine, mnist (default: breast_cancer)")
     demo.add_argument("--secure", choices=SECURE_MODES,
                       help="secure aggregation mode (default replicated-sharing: survives one dead proxy)")

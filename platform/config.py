@@ -215,9 +215,11 @@ class FedveilConfig(_Section):
             raise ValueError("proxies.names: proxy names must be unique")
         if self.federation.secure == "secret-sharing" and len(self.proxies.names) < 2:
             raise ValueError("proxies.names: secret-sharing needs at least 2 proxies")
-        if self.federation.secure == "replicated-sharing" and len(self.proxies.names) < 3:
-            raise ValueError("proxies.names: replicated-sharing needs at least 3 proxies so that one may die; add a "
-                             "proxy, or use secret-sharing with 2")
+        if self.federation.secure == "replicated-sharing" and len(self.proxies.names) < 4:
+            # a release needs a quorum of q = ceil((k+2)/2) proxies (docs/security.md): with k=3 that is all
+            # three, so a proxy dead before the commit would lose the round; k=4 (q=3) survives one
+            raise ValueError("proxies.names: replicated-sharing needs at least 4 proxies, so that one may die and a "
+                             "quorum of 3 still commits to the client set; add proxies, or use secret-sharing with 2")
         if self.federation.secure in ("secret-sharing", "replicated-sharing"):
             from fedveil.secure.fixedpoint import check_overflow
 

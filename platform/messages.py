@@ -19,6 +19,7 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 AGGREGATE = "query.aggregate"
 VALIDATE = "query.validate"
+COMMIT = "query.commit"  # quorum modes: each proxy commits once to the aggregate's client set (secure/quorum.py)
 
 # Statuses a client or proxy reply can carry. `budget_exhausted` is a normal outcome, not an error.
 OK = "ok"

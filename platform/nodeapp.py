@@ -165,6 +165,21 @@ def validate(msg: Message, context: Context) -> Message:
     return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected})
 
 
+@app.query("commit")
+@guarded("proxy")
+def commit(msg: Message, context: Context) -> Message:
+    """Commit once to the aggregate's client set (modes that need a quorum); the reply carries one tag per
+    peer, which the server forwards with the aggregate request."""
+    from fedveil.aggregator.proxy import ProxyIdentity, commit_task
+    from fedveil.secure.modes import AggregationRefused
+
+    try:
+        tags = commit_task(ProxyIdentity.from_node_config(dict(context.node_config)), _task(msg))
+    except AggregationRefused as exc:
+        return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})
+    return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "tags": tags})
+
+
 @app.query("aggregate")
 @guarded("proxy")
 def aggregate(msg: Message, context: Context) -> Message:

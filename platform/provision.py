@@ -443,10 +443,14 @@ def load_client_keyring_dir(bundle: str | Path) -> ClientKeyring:
 
 
 def load_proxy_keyring_dir(bundle: str | Path, proxy_id: str) -> ProxyKeyring:
+    """A proxy's keyring, with its peers' public keys from the installed manifest (checked against its pin)."""
     from fedveil.secure import keys as secure_keys
 
     bundle = check_custody(bundle, "proxy", proxy_id)
-    return secure_keys.load_proxy_keyring(bundle, proxy_id, _optional(bundle / secure_keys.CKKS_PUBLIC))
+    manifest, pin = _optional(bundle / secure_keys.MANIFEST), bundle / PIN_FILE
+    if manifest is not None and pin.exists():
+        secure_keys.check_manifest_fingerprint(manifest, pin.read_text().strip())
+    return secure_keys.load_proxy_keyring(bundle, proxy_id, _optional(bundle / secure_keys.CKKS_PUBLIC), manifest)
 
 
 def load_server_keyring_dir(bundle: str | Path) -> ServerKeyring:

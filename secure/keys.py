@@ -221,15 +221,24 @@ def load_client_keyring(manifest_path: str | os.PathLike, ckks_public_path: str 
 
 
 def load_proxy_keyring(
-    key_dir: str | os.PathLike, proxy_id: str, ckks_public_path: str | os.PathLike | None = None
+    key_dir: str | os.PathLike, proxy_id: str, ckks_public_path: str | os.PathLike | None = None,
+    manifest_path: str | os.PathLike | None = None,
 ) -> ProxyKeyring:
-    """What a proxy needs: its private key (checked against its .pub if present) and the CKKS public context."""
+    """What a proxy needs: its private key (checked against its .pub if present), the CKKS public context,
+    and, from the manifest, its peers' public keys (the pairwise keys of the quorum commit). A manifest
+    that lists another key for this proxy is refused: peers would derive keys it cannot."""
     sk = load_proxy_private_key(key_dir, proxy_id)
+    own = public_key_from_private(sk)
     pub = Path(key_dir) / "proxies" / proxy_id / "x25519.pub"
-    if pub.exists() and pub.read_bytes() != public_key_from_private(sk):
+    if pub.exists() and pub.read_bytes() != own:
         raise SecurityError(f"proxy {proxy_id!r}: x25519.key and x25519.pub do not match.", FIX)
+    peers = read_manifest(manifest_path) if manifest_path else {}
+    if peers.get(proxy_id, own) != own:
+        raise SecurityError(f"the manifest {manifest_path} lists another X25519 key for proxy {proxy_id!r}.",
+                            "install the operator's handout again (`fedveil keys install`)")
     ctx = Path(ckks_public_path).read_bytes() if ckks_public_path else None
-    return ProxyKeyring(proxy_id=proxy_id, private_key=sk, ckks_public_context=ctx)
+    return ProxyKeyring(proxy_id=proxy_id, private_key=sk, ckks_public_context=ctx,
+                        peer_public_keys={p: k for p, k in peers.items() if p != proxy_id})
 
 
 def load_server_keyring(ckks_secret_path: str | os.PathLike | None = None) -> ServerKeyring:

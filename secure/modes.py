@@ -46,11 +46,13 @@ class ClientKeyring:
 
 @dataclass(frozen=True)
 class ProxyKeyring:
-    """What a proxy holds: its own X25519 private key and the CKKS public context."""
+    """What a proxy holds: its own X25519 private key, the CKKS public context, and its peers' X25519
+    public keys from the pinned manifest (pairwise quorum keys, `fedveil.secure.quorum`)."""
 
     proxy_id: str
     private_key: bytes | None = None
     ckks_public_context: bytes | None = None
+    peer_public_keys: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fedveil.secure import fixedpoint
+from fedveil.secure import fixedpoint, quorum
 from fedveil.secure.envelope import open_envelope, seal
 from fedveil.secure.errors import SecurityError
 from fedveil.secure.modes import (
@@ -113,6 +113,7 @@ class ReplicatedSharingMode:
     """2-out-of-k replicated additive sharing over Z_2^64 (see module docstring)."""
 
     name = NAME
+    needs_quorum = True  # proxies commit to one client set before any release (`fedveil.secure.quorum`)
 
     def __init__(
         self,
@@ -129,6 +130,10 @@ class ReplicatedSharingMode:
     def min_partials(self, n_proxies: int) -> int:
         """How many proxies' partials may suffice: any two hold every share between them."""
         return 2 if n_proxies >= MIN_PROXIES else n_proxies
+
+    def quorum_size(self, n_proxies: int) -> int:
+        """How many proxies must commit to a client set before any releases: two quorums share >= 2 proxies."""
+        return quorum.quorum_size(n_proxies)
 
     # -- assignment ------------------------------------------------------------------------------
     def assign(self, client_ids: Sequence[str], proxy_ids: Sequence[str], min_aggregate: int) -> dict[str, list[str]]:
@@ -210,9 +215,11 @@ class ReplicatedSharingMode:
         return tuple(names), shares
 
     def _open_all(self, payloads: Mapping[str, bytes], clients: Sequence[str], binding: Binding, keys: ProxyKeyring,
-                  replay_guard: ReplayGuard | None, task_ids: Mapping[str, str] | None
+                  replay_guard: ReplayGuard | None, task_ids: Mapping[str, str] | None,
+                  proxies: Sequence[str] | None = None
                   ) -> tuple[tuple[str, ...] | None, dict[str, dict[str, np.ndarray]], dict[str, str]]:
-        """Open every payload; keep the clients that shared over the most common proxy list."""
+        """Open every payload; keep the clients that shared over `proxies` (the list this proxy committed to),
+        or without one over the most common proxy list."""
         opened: dict[str, tuple[tuple[str, ...], dict[str, np.ndarray]]] = {}
         rejected: dict[str, str] = {}
         for cid in clients:
@@ -226,7 +233,7 @@ class ReplicatedSharingMode:
         if not opened:
             return None, {}, rejected
         counts = Counter(names for names, _ in opened.values())
-        reference = sorted(counts, key=lambda names: (-counts[names], names))[0]
+        reference = tuple(sorted(proxies)) if proxies else sorted(counts, key=lambda names: (-counts[names], names))[0]
         kept = {}
         for cid, (names, shares) in opened.items():
             if names == reference:
@@ -250,11 +257,14 @@ class ReplicatedSharingMode:
         weights: Mapping[str, float] | None = None,
         replay_guard: ReplayGuard | None = None,
         task_ids: Mapping[str, str] | None = None,
+        proxies: Sequence[str] | None = None,
     ) -> CombineResult:
+        """Sum every share this proxy holds, per share. `proxies`: the proxy list this proxy committed to
+        (`fedveil.secure.quorum`); a payload shared over another list is rejected."""
         _require_private(keys)
         q = self.weight_bits if weights is not None else 0
         factors, rejected = public_weights(weights, sorted(payloads))
-        names, opened, bad = self._open_all(payloads, sorted(factors), binding, keys, replay_guard, task_ids)
+        names, opened, bad = self._open_all(payloads, sorted(factors), binding, keys, replay_guard, task_ids, proxies)
         rejected.update(bad)
         included = sorted(opened)
         if len(included) < max(min_aggregate, 1) or names is None:
