@@ -167,7 +167,10 @@ def test_serve_command_keeps_the_password_out_of_argv(monkeypatch):
     for flag in ("--server.headless true", "--server.address 127.0.0.1", "--server.port 8765",
                  "--browser.gatherUsageStats false"):
         assert flag in joined
-    assert cmd[cmd.index("--") + 1:] == ["--store", "sqlite:////tmp/x.db", "--password-env", serve_mod.PASSWORD_ENV]
+    # the store URL (it may hold a database password) travels by environment, never argv
+    assert cmd[cmd.index("--") + 1:] == ["--password-env", serve_mod.PASSWORD_ENV]
+    assert "sqlite:////tmp/x.db" not in joined
+    assert seen["env"][serve_mod.STORE_ENV] == "sqlite:////tmp/x.db"
     assert seen["kw"]["start_new_session"] is True
 
     seen.clear()
