@@ -117,9 +117,7 @@ def _close_unfinished_run(url: str, run_name: str, status: str, message: str) ->
 
     store = MetricsStore(url)
     try:
-        run = store.get_run(run_name)
-        if run is not None and run["status"] == "running":
-            store.finish_run(run_name, status, message)
+        store.close_if_running(run_name, status, message)
     finally:
         store.close()
 

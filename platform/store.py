@@ -398,6 +398,16 @@ class MetricsStore:
                 runs.update().where(runs.c.id == run_id).values(status=status, finished_at=time.time(), message=message)
             )
 
+    def close_if_running(self, run_id: str, status: str, message: str = "") -> bool:
+        """End a run that the store still has as `running` (its raw row, not the reader's view: a
+        server stopped a moment ago already reads as `interrupted`). Returns whether it was closed."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self.engine.begin() as conn:
+            done = conn.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "running")
+                                .values(status=status, finished_at=time.time(), message=message))
+        return bool(done.rowcount)
+
     def record_round(self, run_id: str, round: int, **values: Any) -> None:
         """Insert or replace one round's (or async model version's) metrics."""
         extra = values.pop("extra", None)

@@ -25,7 +25,8 @@ def test_demo_runs_real_processes_and_export_reports_rounds_and_epsilon(tmp_path
     done = fedveil("demo", "--rounds", "2", "--clients", "3", "--proxies", "2", "--dataset", "breast_cancer",
                    "--no-dashboard", "--workdir", str(workdir))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "final accuracy" in done.stdout
+    assert ": completed; 2 of 2 round(s) updated the model" in done.stdout
+    assert "clients' validation accuracy" in done.stdout and "privacy spent per organization" in done.stdout
     assert (workdir / "fedveil.db").exists()
 
     exported = fedveil("export", "--workdir", str(workdir))

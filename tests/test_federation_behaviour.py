@@ -169,6 +169,26 @@ def test_a_run_whose_server_died_is_marked_interrupted_everywhere(tmp_path, caps
     assert "--resume" in event["message"]
 
 
+def test_a_run_stopped_by_its_user_is_stopped_not_interrupted(tmp_path):
+    """Ctrl-C of `fedveil demo`/`server`: the ServerApp is already gone when the command records the
+    stop, so the reader's view says `interrupted`; the raw row is what must be closed."""
+    from fedveil.platform import cli
+    from fedveil.platform.store import MetricsStore
+
+    url = f"sqlite:///{tmp_path / 'fedveil.db'}"
+    store = MetricsStore(url)
+    for run_id in ("ctrl-c", "done"):
+        store.create_run(run_id, mode="sync", secure="none", name="fed")
+        store.heartbeat(run_id)
+    store.finish_run("done", "completed")
+    _kill_server(store, "ctrl-c")
+    assert store.get_run("ctrl-c")["status"] == "interrupted"
+    cli._close_unfinished_run(url, "ctrl-c", "stopped", "interrupted by the user")
+    cli._close_unfinished_run(url, "done", "stopped", "interrupted by the user")
+    assert store.get_run("ctrl-c")["status"] == "stopped" and store.get_run("done")["status"] == "completed"
+    assert store.close_if_running("ctrl-c", "failed") is False  # once closed, it stays as the user left it
+
+
 def test_a_silent_server_on_another_host_is_interrupted_after_the_stale_limit(tmp_path):
     from fedveil.platform.store import STALE_AFTER, MetricsStore, heartbeats
 
