@@ -33,7 +33,7 @@ import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from fedveil.platform.errors import SecurityError
+from fedveil.secure.errors import SecurityError
 from fedveil.secure.envelope import generate_x25519_keypair, public_key_from_private
 from fedveil.secure.modes import ClientKeyring, ProxyKeyring, ServerKeyring
 

@@ -8,9 +8,6 @@ import pytest
 SECURE = Path(__file__).resolve().parent.parent / "secure"
 # Roles and the runtime. (torch is not listed: secure/noise.py draws DP noise on the training device.)
 FORBIDDEN = ("fedveil.platform", "fedveil.clients", "fedveil.aggregator", "fedveil.dashboard", "flwr")
-# keys.py belongs to key provisioning (another change); it still imports platform.errors for SecurityError,
-# which now lives in fedveil.secure.errors. Drop this entry once it imports that instead.
-PENDING = {"keys.py"}
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -24,9 +21,7 @@ def imported_modules(path: Path) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason="pending: imports "
-                                  "fedveil.platform.errors")] if p.name in PENDING else [])
-                                  for p in sorted(SECURE.glob("*.py"))])
+@pytest.mark.parametrize("path", sorted(SECURE.glob("*.py")), ids=lambda p: p.name)
 def test_secure_imports_nothing_above_it(path):
     bad = [m for m in imported_modules(path) if m == "fedveil.platform" or m.startswith(FORBIDDEN)]
     assert not bad, f"{path.name} imports {bad}; secure/ must stay free of the roles and of Flower"
