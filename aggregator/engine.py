@@ -189,7 +189,8 @@ class Federation:
             )
         import torch
 
-        from fedveil.clients.node import build_model, model_arrays
+        from fedveil.platform.models import build_configured_model as build_model
+        from fedveil.platform.models import model_arrays
 
         torch.manual_seed(self.cfg.federation.seed)
         model = build_model(self.cfg, next(iter(shapes)), next(iter(classes)))
@@ -239,8 +240,8 @@ class Federation:
             return {}
         if rnd % ev.every != 0 and rnd < self.cfg.federation.rounds:
             return {}
-        from fedveil.clients.node import build_model, set_model_arrays
-        from fedveil.clients.training import evaluate
+        from fedveil.platform.models import build_configured_model as build_model
+        from fedveil.platform.models import evaluate, set_model_arrays
 
         try:
             heldout = self._heldout()

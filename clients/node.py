@@ -32,6 +32,8 @@ from fedveil.platform import config as config_mod
 from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig, PolicySection
 from fedveil.platform.errors import BudgetExhausted, FedveilError
+from fedveil.platform.models import build_configured_model as build_model
+from fedveil.platform.models import model_arrays, set_model_arrays
 
 if TYPE_CHECKING:
     from fedveil.clients.ledger import Charge
@@ -215,31 +217,6 @@ def policy_outcome(identity: ClientIdentity, breaches: list[PolicyBreach]) -> "T
 
 class PolicyRefused(FedveilError):
     """A message asks for something the org's policy forbids (e.g. a model factory it does not allow)."""
-
-
-def build_model(cfg: FedveilConfig, input_shape: tuple[int, ...], num_classes: int):
-    from fedveil.platform.models import build_model as _build
-
-    from fedveil.platform.models import model_kwargs
-
-    m = cfg.model
-    return _build(m.name, input_shape, num_classes, **model_kwargs(m.name, m.hidden, m.activation, m.groupnorm))
-
-
-def model_arrays(model) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
-
-
-def set_model_arrays(model, arrays: list[np.ndarray]) -> None:
-    import torch
-
-    keys = list(model.state_dict().keys())
-    if len(keys) != len(arrays):
-        raise FedveilError(
-            f"the server's model has {len(arrays)} tensors, this client's has {len(keys)}",
-            "make sure every organization uses the same [model] section and data schema",
-        )
-    model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, arrays)}, strict=True)
 
 
 def hello(identity: ClientIdentity, federation: FedveilConfig) -> dict[str, Any]:

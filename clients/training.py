@@ -44,6 +44,8 @@ from torch import nn
 
 from fedveil.platform.data import Dataset
 from fedveil.platform.errors import ConfigError, FedveilError
+from fedveil.platform.models import dataset_tensors as _tensors
+from fedveil.platform.models import evaluate, resolve_device  # noqa: F401  (re-exported: training API)
 from fedveil.secure.noise import SecureGaussian
 
 GRAD_SAMPLE_MODES = ("auto", "hooks", "ghost", "ew", "functorch", "fused")
@@ -118,21 +120,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- planning helpers
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    key = (name or "auto").strip().lower()
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(key)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"Unknown device {name!r}.", "Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {name!r} was requested but no CUDA GPU is available.", "Use device='auto' or 'cpu'.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"Device {name!r} does not exist ({torch.cuda.device_count()} GPU(s)).", "Use 'cuda:0' or 'auto'.")
-    return dev
 
 
 def sample_rate(n: int, batch_size: int) -> float:
@@ -255,12 +242,6 @@ def _make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     raise ConfigError(f"Unknown optimizer {s.optimizer!r}.", "Use 'sgd' or 'adam'.")
-
-
-def _tensors(ds: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(ds.X, dtype=np.float32)).to(device), torch.from_numpy(
-        np.ascontiguousarray(ds.y, dtype=np.int64)
-    ).to(device)
 
 
 def _check_inputs(model: nn.Module, ds: Dataset, settings: TrainSettings) -> None:
@@ -551,23 +532,3 @@ def _tail_mean(losses: list[float], k: int) -> float:
         return float("nan")
     tail = losses[-k:]
     return float(sum(tail) / len(tail))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, device: str | torch.device = "auto", batch_size: int = 2048) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of `model` on `ds`; the model is left where it was."""
-    if len(ds) == 0:
-        return float("nan"), float("nan")
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    home = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    was_training = model.training
-    model.to(dev).eval()
-    X, y = _tensors(ds, dev)
-    total_loss, correct = 0.0, 0
-    for i in range(0, len(ds), batch_size):
-        out = model(X[i : i + batch_size])
-        total_loss += nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
-        correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
-    model.train(was_training)
-    model.to(home)
-    return total_loss / len(ds), correct / len(ds)

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from fedveil.platform.errors import ConfigError
+from fedveil.platform.errors import ConfigError, FedveilError
+
+if TYPE_CHECKING:
+    from fedveil.platform.config import FedveilConfig
+    from fedveil.platform.data import Dataset
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -213,3 +218,71 @@ def _validate_for_dp(model: nn.Module, name: str) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_configured_model(cfg: "FedveilConfig", input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model a federation's `[model]` section names: the server and every client build the same one."""
+    m = cfg.model
+    return build_model(m.name, input_shape, num_classes, **model_kwargs(m.name, m.hidden, m.activation, m.groupnorm))
+
+
+def model_arrays(model: nn.Module) -> list[np.ndarray]:
+    """The state_dict as numpy copies, in order: what travels and what the server averages."""
+    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
+
+
+def set_model_arrays(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    """Load `model_arrays` output back; a tensor-count mismatch means the parties disagree on the model."""
+    keys = list(model.state_dict().keys())
+    if len(keys) != len(arrays):
+        raise FedveilError(
+            f"the server's model has {len(arrays)} tensors, this client's has {len(keys)}",
+            "make sure every organization uses the same [model] section and data schema",
+        )
+    model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, arrays)}, strict=True)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when there is one; a device that does not exist is a config error, not a crash."""
+    key = (name or "auto").strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(key)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"Unknown device {name!r}.", "Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name!r} was requested but no CUDA GPU is available.", "Use device='auto' or 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"Device {name!r} does not exist ({torch.cuda.device_count()} GPU(s)).", "Use 'cuda:0' or 'auto'.")
+    return dev
+
+
+def dataset_tensors(ds: "Dataset", device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32, labels int64) of a whole dataset on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(ds.X, dtype=np.float32)).to(device), torch.from_numpy(
+        np.ascontiguousarray(ds.y, dtype=np.int64)
+    ).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: "Dataset", device: str | torch.device = "auto",
+             batch_size: int = 2048) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of `model` on `ds`; the model is left where it was.
+
+    Shared by the clients' validation and the server's held-out evaluation, so both score alike."""
+    if len(ds) == 0:
+        return float("nan"), float("nan")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    home = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    was_training = model.training
+    model.to(dev).eval()
+    X, y = dataset_tensors(ds, dev)
+    total_loss, correct = 0.0, 0
+    for i in range(0, len(ds), batch_size):
+        out = model(X[i : i + batch_size])
+        total_loss += nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    model.to(home)
+    return total_loss / len(ds), correct / len(ds)
