@@ -319,3 +319,17 @@ def test_an_evaluate_task_never_imports_a_factory_the_policy_does_not_allow(org,
     assert wire.reply_metrics(reply.content) == {} and not marker.exists() and EVIL not in sys.modules
     reply = org.send(wire.EVALUATE, {"run_id": "r1"}, server_config(), arrays)  # the allowed model still works
     assert wire.reply_status(reply.content)["status"] == wire.OK and "val_accuracy" in wire.reply_metrics(reply.content)
+
+
+@pytest.mark.parametrize("name", ["federation.toml", "mnist.toml"])
+def test_the_shipped_examples_are_accepted_by_an_orgs_default_policy(name):
+    """A user who follows the README with an example config must not be declined by their own defaults."""
+    from pathlib import Path
+
+    from fedveil.clients.node import policy_breaches
+    from fedveil.platform import config as config_mod
+    from fedveil.platform.config import PolicySection
+
+    cfg = config_mod.load(Path(__file__).resolve().parent.parent / "examples" / name)
+    assert policy_breaches(PolicySection(), cfg) == []
+    assert cfg.privacy.enabled and cfg.privacy.delta <= 1e-5
