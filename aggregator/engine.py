@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -25,7 +26,10 @@ from fedveil.aggregator import replies as boundary
 from fedveil.aggregator.optimizers import ServerOptimizer
 from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig
+from fedveil.platform.data import input_scaling, load_heldout
 from fedveil.platform.errors import FedveilError
+from fedveil.platform.models import build_configured_model as build_model
+from fedveil.platform.models import evaluate, model_arrays, model_kind, model_kwargs, set_model_arrays
 from fedveil.platform.params import flatten, unflatten
 from fedveil.platform.store import HEARTBEAT_SECONDS, MetricsStore
 from fedveil.secure.modes import AggregationRefused, ServerKeyring, get_mode
@@ -187,11 +191,6 @@ class Federation:
                 f"organizations disagree on the data schema: input shapes {sorted(shapes)}, classes {sorted(classes)}",
                 "every organization must provide the same features and label set",
             )
-        import torch
-
-        from fedveil.platform.models import build_configured_model as build_model
-        from fedveil.platform.models import model_arrays
-
         torch.manual_seed(self.cfg.federation.seed)
         model = build_model(self.cfg, next(iter(shapes)), next(iter(classes)))
         self.like = model_arrays(model)
@@ -216,8 +215,6 @@ class Federation:
 
     def _save_model_info(self, model: Any, input_shape: tuple[int, ...], num_classes: int) -> None:
         """What `fedveil model export` needs to rebuild the model without this federation's config."""
-        from fedveil.platform.data import input_scaling
-        from fedveil.platform.models import model_kwargs
 
         m = self.cfg.model
         checkpoint.save_model_info(self.checkpoint_dir, {
@@ -240,9 +237,6 @@ class Federation:
             return {}
         if rnd % ev.every != 0 and rnd < self.cfg.federation.rounds:
             return {}
-        from fedveil.platform.models import build_configured_model as build_model
-        from fedveil.platform.models import evaluate, set_model_arrays
-
         try:
             heldout = self._heldout()
         except FedveilError as exc:
@@ -257,9 +251,6 @@ class Federation:
 
     def _heldout(self):
         if getattr(self, "_heldout_ds", None) is None:
-            from fedveil.platform.data import load_heldout
-            from fedveil.platform.models import model_kind
-
             classes = {int(n.info["num_classes"]) for n in self.roster.clients.values()}
             self._heldout_ds = load_heldout(self.cfg.evaluation.resolved(self.cfg.data.source), self.cfg.data.source,
                                             image=model_kind(self.cfg.model.name) == "image",

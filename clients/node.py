@@ -24,19 +24,23 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from fedveil.clients.ledger import Charge, PrivacyLedger, StoredReply, TaskAlreadyAnswered
+from fedveil.clients.training import (DPSettings, TrainSettings, evaluate, plan_noise_multiplier, sample_rate,
+                                      steps_per_epoch, train)
 from fedveil.platform import config as config_mod
 from fedveil.platform import messages as wire
 from fedveil.platform.config import FedveilConfig, PolicySection
-from fedveil.platform.errors import BudgetExhausted, FedveilError
+from fedveil.platform.data import dataset_fingerprint, load_client_data
+from fedveil.platform.errors import BudgetExhausted, FedveilError, SecurityError
 from fedveil.platform.models import build_configured_model as build_model
-from fedveil.platform.models import model_arrays, set_model_arrays
-
-if TYPE_CHECKING:
-    from fedveil.clients.ledger import Charge
+from fedveil.platform.models import model_arrays, model_kind, set_model_arrays
+from fedveil.platform.params import flatten
+from fedveil.platform.provision import load_client_keyring_dir
+from fedveil.secure.modes import Binding, ClientKeyring, get_mode
 
 SPLIT_SECRET_BYTES = 32
 
@@ -130,8 +134,6 @@ def load_datasets(identity: ClientIdentity, cfg: FedveilConfig, *, model_name: s
     `cfg` should be the org's own config (`own_datasets` does that and pins the split); `model_name`
     (default cfg.model.name) only decides the shape, image or flat, never which records are used.
     """
-    from fedveil.platform.data import load_client_data
-    from fedveil.platform.models import model_kind
 
     source = identity.data or cfg.data.source
     return load_client_data(
@@ -225,8 +227,6 @@ def hello(identity: ClientIdentity, federation: FedveilConfig) -> dict[str, Any]
     The server's model name only shapes the data when the policy allows it (a factory it does not
     allow is never imported); `policy_conflicts` tells the operator early what this org would decline.
     """
-    from fedveil.clients.ledger import PrivacyLedger
-    from fedveil.platform.data import dataset_fingerprint
 
     own = local_config(identity)
     policy = own.policy
@@ -263,7 +263,6 @@ class TrainOutcome:
 def _noise_multiplier(federation: FedveilConfig, delta: float, accountant: str, q: float, steps_per_round: int,
                       state_cache: dict) -> float:
     """σ as the task sets it, or planned once per run from the task's target ε over all planned steps."""
-    from fedveil.clients.training import plan_noise_multiplier
 
     priv = federation.privacy
     if priv.noise_multiplier is not None and priv.target_epsilon is None:
@@ -289,9 +288,6 @@ def train_task(
     Returns status `policy` or `budget_exhausted` before anything is trained or spent; with
     status ok, `release` must commit the charge with the protected reply before it leaves.
     """
-    from fedveil.clients.ledger import Charge, PrivacyLedger
-    from fedveil.clients.training import DPSettings, TrainSettings, evaluate, sample_rate, steps_per_epoch, train
-    from fedveil.platform.data import dataset_fingerprint
 
     # 0. The org's own policy, before any data is touched or any model is built (no factory import).
     own = local_config(identity)
@@ -359,7 +355,6 @@ def train_task(
         grad_sample_mode=priv.grad_sample_mode,
     )
     result = train(model, train_ds, settings, dp, sigma)
-    from fedveil.platform.params import flatten
 
     delta_vec = flatten(model_arrays(model)) - flatten(global_arrays)
     if not np.all(np.isfinite(delta_vec)):
@@ -385,7 +380,6 @@ def answered_before(identity: ClientIdentity, run_id: str, task_id: str):
     A task answered before whose reply can no longer be resent comes back as a `policy` decline:
     it is never trained and released a second time.
     """
-    from fedveil.clients.ledger import PrivacyLedger, StoredReply, TaskAlreadyAnswered
 
     try:
         return PrivacyLedger(identity.ledger_path, identity.org).stored_reply(run_id, task_id)
@@ -402,7 +396,6 @@ def release(identity: ClientIdentity, outcome: TrainOutcome, blobs: dict[str, by
     """
     import logging
 
-    from fedveil.clients.ledger import PrivacyLedger, StoredReply
 
     ledger = PrivacyLedger(identity.ledger_path, identity.org)
     reply = StoredReply(outcome.status, outcome.info, outcome.metrics, blobs, outcome.local)
@@ -418,7 +411,6 @@ def release(identity: ClientIdentity, outcome: TrainOutcome, blobs: dict[str, by
 
 def evaluate_task(identity: ClientIdentity, federation: FedveilConfig, global_arrays: list[np.ndarray]) -> dict[str, float]:
     """Evaluate the final global model on the local validation split."""
-    from fedveil.clients.training import evaluate
 
     own = local_config(identity)
     if not model_allowed(own.policy, federation.model.name):
@@ -434,19 +426,13 @@ def evaluate_task(identity: ClientIdentity, federation: FedveilConfig, global_ar
 
 def client_keyring(identity: ClientIdentity):
     """The proxies' public keys and CKKS public context, from provisioning (never from the server)."""
-    from fedveil.secure.modes import ClientKeyring
-
     if not identity.keys_dir:
         return ClientKeyring()
-    from fedveil.platform.provision import load_client_keyring_dir
-
     return load_client_keyring_dir(identity.keys_dir)
 
 
 def check_protection_ready(identity: ClientIdentity, federation: FedveilConfig, proxies: list[str]) -> None:
     """Fail before training (and before any ε is spent) if this client could not protect its update."""
-    from fedveil.platform.errors import SecurityError
-
     mode = federation.federation.secure
     if mode == "none":
         return
@@ -463,7 +449,6 @@ def check_protection_ready(identity: ClientIdentity, federation: FedveilConfig, 
 def protect(identity: ClientIdentity, federation: FedveilConfig, vector: np.ndarray, proxies: list[str],
             run_id: str, task_id: str, client_id: str) -> dict[str, bytes]:
     """Seal/share/encrypt the weighted update for the proxies the server assigned."""
-    from fedveil.secure.modes import Binding, get_mode
 
     mode_name = federation.federation.secure
     binding = Binding(run_id=run_id, task_id=task_id, client_id=client_id, proxy_id="", mode=mode_name,

@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedveil.platform.errors import ConfigError, FedveilError, SecurityError
+from fedveil.secure import keys as secure_keys
+from fedveil.secure.keys import _check_id, sha256_hex
 from fedveil.secure.modes import ClientKeyring, ProxyKeyring, ServerKeyring
 
 SERVER = "server"
@@ -144,7 +146,6 @@ def _check_names(proxies: Sequence[str], orgs: Sequence[str]) -> None:
 
 
 def _check_name(name: str) -> str:
-    from fedveil.secure.keys import _check_id
 
     if name in (SERVER, HANDOUT):
         raise ConfigError(f"{name!r} is reserved for the operator's bundles", "rename that proxy or organization")
@@ -170,8 +171,7 @@ class PartyPublic:
     x25519_public_key: bytes | None  # proxies only
 
     def document(self) -> dict:
-        from fedveil.secure.keys import sha256_hex
-
+    
         doc = {"version": 1, "role": self.role, "name": self.name,
                "supernode_public_key": self.supernode_public_key.decode(),
                "supernode_sha256": sha256_hex(self.supernode_public_key)}
@@ -186,7 +186,6 @@ def generate_party(out: str | Path, role: str, name: str, overwrite: bool = Fals
 
     Run on the party's own host: the private keys never leave `out`.
     """
-    from fedveil.secure import keys as secure_keys
 
     if role not in ROLES:
         raise ConfigError(f"unknown role {role!r}", "use --role proxy or --role org (the operator runs `keys init`)")
@@ -207,7 +206,6 @@ def generate_party(out: str | Path, role: str, name: str, overwrite: bool = Fals
 
 def read_public(path: str | Path) -> PartyPublic:
     """Parse and check a party's public file: role, name, a P-384 SSH key, a 32-byte X25519 key, fingerprints."""
-    from fedveil.secure.keys import sha256_hex
 
     path = Path(path)
     fix = "ask that party for the NAME.public.json written by `fedveil keys gen`"
@@ -253,7 +251,6 @@ def build_federation(out: str | Path, parties: Sequence[PartyPublic], hosts: Seq
 
     Returns the manifest's fingerprint, which every party checks out of band.
     """
-    from fedveil.secure import keys as secure_keys
 
     out = Path(out)
     proxies = [p for p in parties if p.role == "proxy"]
@@ -298,7 +295,6 @@ def install_handout(handout: str | Path, party_dir: str | Path, manifest_fingerp
     Refuses a manifest that does not match the fingerprint, a CA or CKKS context that does not match
     the manifest, and, for a proxy, a manifest that lists a different key for it. Returns the fingerprint.
     """
-    from fedveil.secure import keys as secure_keys
 
     handout, party_dir = Path(handout), Path(party_dir)
     manifest = handout / secure_keys.MANIFEST
@@ -434,7 +430,6 @@ def _optional(path: Path) -> Path | None:
 
 def load_client_keyring_dir(bundle: str | Path) -> ClientKeyring:
     """An organization's keyring; refuses foreign private keys and a manifest that does not match its pin."""
-    from fedveil.secure import keys as secure_keys
 
     bundle = check_custody(bundle, "org")
     pin = bundle / PIN_FILE
@@ -444,7 +439,6 @@ def load_client_keyring_dir(bundle: str | Path) -> ClientKeyring:
 
 def load_proxy_keyring_dir(bundle: str | Path, proxy_id: str) -> ProxyKeyring:
     """A proxy's keyring, with its peers' public keys from the installed manifest (checked against its pin)."""
-    from fedveil.secure import keys as secure_keys
 
     bundle = check_custody(bundle, "proxy", proxy_id)
     manifest, pin = _optional(bundle / secure_keys.MANIFEST), bundle / PIN_FILE
@@ -454,7 +448,6 @@ def load_proxy_keyring_dir(bundle: str | Path, proxy_id: str) -> ProxyKeyring:
 
 
 def load_server_keyring_dir(bundle: str | Path) -> ServerKeyring:
-    from fedveil.secure import keys as secure_keys
 
     bundle = check_custody(bundle, SERVER)
     return secure_keys.load_server_keyring(_optional(bundle / "ckks_secret.ctx"))
@@ -467,7 +460,6 @@ def check_node_bundle(keys: str | Path, role: str, name: str, manifest_fingerpri
     line; a pin left by `keys install` is checked too. Missing files are left to the caller's
     file check, which names them all.
     """
-    from fedveil.secure import keys as secure_keys
 
     bundle = Path(keys)
     if not bundle.is_dir():
@@ -500,7 +492,6 @@ def _cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from fedveil.secure import keys as secure_keys
 
     hosts = _split(args.hosts)
     out = Path(args.out)
@@ -540,7 +531,6 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
-    from fedveil.secure import keys as secure_keys
 
     path = Path(args.file)
     if not path.is_file():
