@@ -434,6 +434,21 @@ def preload(modules: Sequence[str] = PRELOAD) -> list[str]:
     return failed
 
 
+def _exit_when_orphaned(parent_pid: int, every: float = 0.2) -> None:
+    """Stop (SIGINT, as Flower's own monitor does) once the SuperNode that started us has died.
+
+    Flower's check, `kill(parent_pid, 0)`, takes a dead parent that nobody has reaped yet (a zombie)
+    for a live one, so an executor outlived a `kill -9`ed SuperNode for as long as its parent's
+    parent did not reap it (the whole run, in `fedveil demo`). The kernel re-parents us the moment
+    the parent exits, so a changed `getppid()` is its death, zombie or not."""
+    def monitor() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every)
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=monitor, name="fedveil-parent-watch", daemon=True).start()
+
+
 def run_executor(runtime_api_address: str, parent_pid: int | None, task_poll: float) -> None:
     """Flower's SuperExec loop with the fork executor; returns only through Flower's exit path."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})  # before any thread starts: all inherit it
@@ -449,6 +464,8 @@ def run_executor(runtime_api_address: str, parent_pid: int | None, task_poll: fl
     rs.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
     rs.time = WakeableTime()  # type: ignore[assignment]
     print(f"fedveil warm executor {os.getpid()} serving {runtime_api_address}", flush=True)
+    if parent_pid is not None:
+        _exit_when_orphaned(parent_pid)
     rs.run_superexec(runtime_api_address=runtime_api_address, insecure=True, root_certificates_path=None,
                      parent_pid=parent_pid, runtime_dependency_install=False)
 
