@@ -94,6 +94,8 @@ def run_mode(mode: str, executor: str, rounds: int, hidden: list[int], root: Pat
         "federation.secure": mode, "federation.rounds": rounds, "model.hidden": hidden,
         "privacy.budget": 1e6, "orgs": [o.model_dump(exclude_none=True) for o in demo_orgs(3)],
         "proxies.names": ["proxy-1", "proxy-2"],
+        # the benchmark's organizations opt in to the plaintext baseline (their default policy declines it)
+        "policy.allow_secure": ["none", "secret-sharing", "ckks"],
     })
     tag = f"{mode}-{executor}"
     keys = init_federation_keys(root / f"keys-{tag}", cfg.proxies.names, [o.name for o in cfg.orgs],
