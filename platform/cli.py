@@ -334,7 +334,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
         try:
             run = follow_run(url, run_name, flower_run_id=flower_run_id, connection="fedveil", env=env,
-                             workdir=workdir, superlink=link, on_round=on_round)
+                             workdir=workdir, superlink=link, on_round=on_round, fleet=(connect_host, port))
         except KeyboardInterrupt:
             _say("stopping")
             _close_unfinished_run(url, run_name, "stopped", "interrupted by the user")

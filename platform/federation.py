@@ -35,19 +35,26 @@ def write_config(cfg: FedveilConfig, path: Path) -> Path:
     return path
 
 
+REFUSED_LIMIT = 3  # consecutive refused Fleet connections, 1 s apart, before the SuperLink counts as stopped
+
+
 def follow_run(store_url: str, run_name: str, *, flower_run_id: int, connection: str, env: dict[str, str],
                workdir: Path, superlink: subprocess.Popen, timeout: float | None = None,
-               on_round: Callable[[dict], None] | None = None) -> dict:
+               on_round: Callable[[dict], None] | None = None, fleet: tuple[str, int] | None = None) -> dict:
     """Follow a run through the store until it finishes; returns its row.
 
     Fails clearly, instead of waiting forever, when the SuperLink stops or when Flower reports the
-    ServerApp finished without the run being closed in the store (it crashed).
+    ServerApp finished without the run being closed in the store (it crashed). A SuperLink that got
+    SIGTERM stays alive in a graceful shutdown that never ends, but closes its Fleet port (`fleet`):
+    nodes are locked out while the ServerApp would skip every remaining round, so a port refused
+    for REFUSED_LIMIT checks in a row counts as stopped too.
     """
     logs = workdir / "logs" / "superlink.log"
     store = MetricsStore(store_url)
     seen_rounds: set[int] = set()
     deadline = None if timeout is None else time.monotonic() + timeout
     last_flower_check = 0.0
+    refused = 0
     try:
         while deadline is None or time.monotonic() < deadline:
             run = store.get_run(run_name)
@@ -60,6 +67,11 @@ def follow_run(store_url: str, run_name: str, *, flower_run_id: int, connection:
                 return run
             if superlink.poll() is not None:
                 raise FedveilError("the SuperLink stopped unexpectedly", f"see {logs}")
+            refused = 0 if fleet is None or launcher.accepts_connections(*fleet) else refused + 1
+            if refused >= REFUSED_LIMIT:
+                raise FedveilError(f"the SuperLink no longer accepts node connections on {fleet[0]}:{fleet[1]} "
+                                   "(it is shutting down: was it sent SIGTERM?)",
+                                   f"see {logs}; restart the server with --resume to continue the run")
             if time.monotonic() - last_flower_check > 15:
                 last_flower_check = time.monotonic()
                 status = launcher.run_status(flower_run_id, connection, env, workdir / "flower-app")
@@ -140,7 +152,7 @@ class LocalFederation:
         """Follow the run in the store until it finishes; fail clearly if the ServerApp dies."""
         return follow_run(self.store_url, run_name, flower_run_id=self.flower_run_id, connection="fedveil-local",
                           env=self.env, workdir=self.workdir, superlink=self.superlink, timeout=timeout,
-                          on_round=on_round)
+                          on_round=on_round, fleet=("127.0.0.1", int(self.address.rsplit(":", 1)[1])))
 
     def stop(self) -> None:
         self.processes.stop_all()

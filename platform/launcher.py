@@ -348,6 +348,14 @@ def run_status(run_id: int, connection: str, env: Mapping[str, str], app_dir: Pa
 
 
 # ---- start-up checks: say what is wrong before Flower does it with a traceback --------------------
+def accepts_connections(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something listens on host:port (a TCP connect, closed at once)."""
+    connect_host = "127.0.0.1" if host in ("", "0.0.0.0") else host  # noqa: S104 - a probe address only
+    with socket.socket(socket.AF_INET6 if ":" in connect_host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        return s.connect_ex((connect_host, port)) == 0
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether another program holds `port` on `host` (we try to bind it, as the server would)."""
     bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host  # noqa: S104 - only a probe, closed at once

@@ -131,6 +131,38 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "federation.toml"
 
 
+def test_a_superlink_alive_but_closed_to_nodes_counts_as_stopped(tmp_path):
+    """SIGTERM puts a SuperLink with open streams into a graceful shutdown that may never end: the
+    process lives on, its Fleet port is closed, the ServerApp would skip every remaining round. The
+    follower must say so (error + fix) within seconds instead of reporting a 'completed' run."""
+    from fedveil.platform.errors import FedveilError
+    from fedveil.platform.federation import REFUSED_LIMIT, follow_run
+    from fedveil.platform.store import MetricsStore
+
+    url = f"sqlite:///{tmp_path / 'fedveil.db'}"
+    store = MetricsStore(url)
+    store.create_run("r", mode="sync", secure="none", name="fed")
+    store.heartbeat("r")
+    closed_port = launcher.free_port()  # nothing listens there
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # alive, like the hung SuperLink
+    try:
+        start = time.monotonic()
+        with pytest.raises(FedveilError) as err:
+            follow_run(url, "r", flower_run_id=1, connection="unused", env=dict(os.environ), workdir=tmp_path,
+                       superlink=hung, fleet=("127.0.0.1", closed_port))
+        assert time.monotonic() - start < REFUSED_LIMIT + 10
+        assert "no longer accepts node connections" in err.value.problem and "--resume" in err.value.fix
+        # while the port answers, the same follower keeps waiting (a listening socket is a live SuperLink)
+        with __import__("socket").create_server(("127.0.0.1", 0)) as listening:
+            with pytest.raises(FedveilError, match="did not finish within"):
+                follow_run(url, "r", flower_run_id=1, connection="unused", env=dict(os.environ), workdir=tmp_path,
+                           superlink=hung, fleet=listening.getsockname()[:2], timeout=REFUSED_LIMIT + 2)
+    finally:
+        hung.kill()
+        hung.wait()
+        store.close()
+
+
 def fedveil(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     return subprocess.run([sys.executable, "-m", "fedveil.platform.cli", *args], capture_output=True, text=True,
