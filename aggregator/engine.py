@@ -637,13 +637,22 @@ class Federation:
                     self.run_round(rnd)
                     last = rnd
             result = self.final_evaluation(last) if last >= 1 else None
-            self.store.finish_run(self.run_id, "completed")
+            self.store.finish_run(self.run_id, "completed", message=self._skipped_rounds_note())
             return {"rounds": last, "accuracy": None if result is None else result[0]}
         except BaseException as exc:
             self.store.finish_run(self.run_id, "failed", message=str(exc))
             raise
         finally:
             heartbeat.set()
+
+    def _skipped_rounds_note(self) -> str:
+        """A completed run whose rounds produced no aggregate must not read as plain success."""
+        rows = self.store.rounds(self.run_id)
+        skipped = [r["round"] for r in rows if r["participants"] == 0]
+        if not skipped:
+            return ""
+        return (f"{len(skipped)} of {len(rows)} round(s) produced no aggregate (rounds {', '.join(map(str, skipped))}); "
+                "see the run's round_skipped events")
 
     def _open_run(self) -> None:
         """Close the store's runs whose server died as `interrupted`, then start this run, or with

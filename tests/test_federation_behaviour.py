@@ -376,3 +376,18 @@ def test_the_serverapp_resumes_the_killed_run_under_its_own_id(tmp_path):
     assert [r["round"] for r in store.rounds("run-7")] == [1, 2]
     resumed = [e["message"] for e in store.events("run-7") if e["kind"] in ("interrupted", "resumed")]
     assert resumed[0] == "run run-7 resumed (it was interrupted)" and "--resume" in resumed[1]  # newest first
+
+
+def test_a_run_whose_rounds_were_skipped_does_not_read_as_plain_success(tmp_path):
+    """Every round short of min_clients (one org's budget is too small for a round): the run completes, and says which
+    rounds produced no aggregate; an honest run keeps an empty message."""
+    from tests.conftest import run_federation
+    from tests.test_sync_rounds import small_config
+
+    orgs = [{"name": "hospital-a"}, {"name": "hospital-b"}, {"name": "hospital-c", "budget": 0.01}]
+    cfg = small_config(**{"federation.rounds": 2, "federation.min_clients": 3, "orgs": orgs})
+    _, store, _ = run_federation(tmp_path / "skip", cfg)
+    run = store.get_run("r1")
+    assert run["status"] == "completed"
+    assert "2 of 2 round(s) produced no aggregate (rounds 1, 2)" in run["message"]
+    assert sorted(e["round"] for e in store.events("r1") if e["kind"] == "round_skipped") == [1, 2]
