@@ -444,7 +444,9 @@ def _exit_when_orphaned(parent_pid: int, every: float = 0.2) -> None:
     def monitor() -> None:
         while os.getppid() == parent_pid:
             time.sleep(every)
-        signal.raise_signal(signal.SIGINT)
+        while True:  # again until we are gone: a signal raised before Flower's handlers exist may be lost
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(1.0)
 
     threading.Thread(target=monitor, name="fedveil-parent-watch", daemon=True).start()
 
@@ -452,6 +454,9 @@ def _exit_when_orphaned(parent_pid: int, every: float = 0.2) -> None:
 def run_executor(runtime_api_address: str, parent_pid: int | None, task_poll: float) -> None:
     """Flower's SuperExec loop with the fork executor; returns only through Flower's exit path."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})  # before any thread starts: all inherit it
+    # A node started in the background by a script (`fedveil client ... &`) inherits SIGINT ignored, and
+    # Python then never installs its handler: this executor could not be stopped the way Flower stops it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(task_poll)
     failed = preload()
     gc.collect()

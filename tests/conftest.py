@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+# The suite sends Ctrl-C (SIGINT) to the commands it starts. Run from a script in the background
+# (`make test &`, a CI runner), pytest inherits SIGINT *ignored*, every child would inherit that too,
+# and the Ctrl-C tests would test the shell, not fedveil. Children get the default disposition again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fedveil.platform import launcher
 
 
@@ -20,7 +22,8 @@ def _state(pid: int) -> str:
         return ""
 
 
-def test_warm_executor_exits_when_its_supernode_is_killed_and_not_yet_reaped(tmp_path: Path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_warm_executor_exits_when_its_supernode_is_killed_and_not_yet_reaped(tmp_path: Path, sigint: str):
     """kill -9 of a SuperNode left its warm executor running until the demo ended (fault matrix, proxy/client
     kill9): nobody reaps a dead node before the end, and Flower's parent check (`kill(pid, 0)`) takes the
     zombie for a live parent. The executor must notice that it was re-parented instead."""
@@ -31,8 +34,10 @@ def test_warm_executor_exits_when_its_supernode_is_killed_and_not_yet_reaped(tmp
             "    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
             "print(p.pid, flush=True)\n"
             "time.sleep(600)\n")
+    # "ignored": a node started in the background by a script (`fedveil client ... &`) inherits SIGINT ignored
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint == "ignored" else None
     parent = subprocess.Popen([sys.executable, "-c", node], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env=launcher.flower_env(tmp_path))
+                              env=launcher.flower_env(tmp_path), preexec_fn=ignore)
     executor = int(parent.stdout.readline())
     try:
         time.sleep(1.0)
