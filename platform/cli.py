@@ -223,6 +223,18 @@ def _print_summary(store, run_name: str) -> None:
         _say(f"  {c['org']:<14} ε={eps:<8} δ={c['delta'] if c['delta'] is not None else 'n/a'}  "
              f"budget={c['budget'] if c['budget'] is not None else 'n/a'}  last status={c['status']} "
              f"(round {c['round']})")
+    _say_policy_declines(store, run_name)
+
+
+def _say_policy_declines(store, run_name: str) -> None:
+    """A decline by an organization's own policy is its answer, not a fault: say why, once per reason."""
+    reasons: dict[str, list[str]] = {}
+    for event in store.events(run_name):
+        if event["kind"] == "policy" and "declines the task by its privacy policy: " in event["message"]:
+            head, reason = event["message"].split(" declines the task by its privacy policy: ", 1)
+            reasons.setdefault(reason, []).append(head.rsplit(": ", 1)[-1])
+    for reason, orgs in reasons.items():
+        _say(f"declined by the organizations' own policy ({', '.join(sorted(set(orgs)))}): {reason}")
 
 
 def _start_dashboard(url: str, port: int | None, workdir: Path):

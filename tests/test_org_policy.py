@@ -221,7 +221,7 @@ def test_the_ledger_key_is_the_same_for_image_and_flat_forms_of_the_records():
     assert dataset_fingerprint(load_builtin("digits", image=True)) == dataset_fingerprint(load_builtin("digits"))
 
 
-def test_the_server_records_policy_declines_and_the_orgs_policies(tmp_path):
+def test_the_server_records_policy_declines_and_the_orgs_policies(tmp_path, capsys):
     """A server configured with secure = "none" gets a `policy` decline from every organization."""
     cfg = server_config(**{"federation.secure": "none", "federation.rounds": 1})
     fed, store, _ = run_federation(tmp_path, cfg, "r1")
@@ -248,6 +248,14 @@ def test_the_server_records_policy_declines_and_the_orgs_policies(tmp_path):
     shown = next(df.value for df in privacy.dataframe if "Policy declines" in df.value.columns)
     assert sorted(shown["Organization"]) == [ORG, "hospital-b", "hospital-c"]
     assert any("privacy policy" in w.value and ORG in w.value for w in privacy.warning)
+    # ... and the run's summary (`fedveil demo`/`server`) says why, once, naming the key and the fix
+    from fedveil.platform import cli
+
+    capsys.readouterr()
+    cli._print_summary(store, "r1")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("declined by")]
+    assert len(said) == 1 and all(org in said[0] for org in (ORG, "hospital-b", "hospital-c"))
+    assert "policy.allow_secure" in said[0] and "--allow-secure" in said[0]
 
 
 def _dashboard(url: str):
