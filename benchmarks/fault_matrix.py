@@ -177,7 +177,8 @@ class Cell:
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         shutil.rmtree(self.workdir, ignore_errors=True)  # --keep reuses a root: a cell starts from nothing
-        fed = LocalFederation(self.cfg, self.workdir, keys_dir=self.keys, progress=lambda _: None)
+        fed = LocalFederation(self.cfg, self.workdir, keys_dir=self.keys, progress=lambda _: None,
+                              persist_superlink=True)  # phases are read from superlink.db; restarts reuse it
         self.fed = fed
         started = time.monotonic()
         victim_tree: dict[int, int] = {}

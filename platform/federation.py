@@ -92,6 +92,7 @@ class LocalFederation:
     workdir: Path
     keys_dir: Path | None = None
     progress: Callable[[str], None] = print
+    persist_superlink: bool = False  # see launcher.superlink_argv; benchmarks/fault_matrix.py reads it
     processes: launcher.ProcessGroup = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +110,8 @@ class LocalFederation:
         if self.keys_dir is not None:
             server = self.keys_dir / "server"
             tls = launcher.TlsFiles(server / "ca.pem", server / "superlink.pem", server / "superlink.key")
-        argv = launcher.superlink_argv("127.0.0.1", port, self.workdir, tls, auth=tls is not None)
+        argv = launcher.superlink_argv("127.0.0.1", port, self.workdir, tls, auth=tls is not None,
+                                       persist=self.persist_superlink)
         self.superlink = self.processes.start("superlink", argv, self.env)
         launcher.wait_for_port("127.0.0.1", port, 60, self.superlink, "flower-superlink")
         launcher.write_connection(Path(self.env["FLWR_HOME"]), "fedveil-local", self.address,

@@ -220,10 +220,18 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+FLWR_IN_MEMORY_STATE = ":flwr-in-memory:"  # flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME
+
+
 def superlink_argv(host: str, port: int, workdir: Path, tls: TlsFiles | None = None,
-                   auth: bool = False) -> list[str]:
+                   auth: bool = False, persist: bool = True) -> list[str]:
+    """`persist`: keep the SuperLink's state (registered keys, runs, every message until its reply is
+    pulled) in WORKDIR/superlink.db, as a real server must across restarts. A single-host demo keeps
+    it in memory instead: SQLite's per-message commits cost ~1.5-2 s a round on 2 cores
+    (docs/benchmarks.md), and the run's own history is in fedveil's store either way."""
+    database = str(workdir / "superlink.db") if persist else FLWR_IN_MEMORY_STATE
     argv = [bin_path("flower-superlink"), "--host", host, "--port", str(port),
-            "--database", str(workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
+            "--database", database, "--disable-runtime-dependency-installation"]
     if tls is None:
         argv.append("--insecure")
     else:
