@@ -215,7 +215,6 @@ class Federation:
 
     def _save_model_info(self, model: Any, input_shape: tuple[int, ...], num_classes: int) -> None:
         """What `fedveil model export` needs to rebuild the model without this federation's config."""
-
         m = self.cfg.model
         checkpoint.save_model_info(self.checkpoint_dir, {
             "run_id": self.run_id, "federation": self.cfg.federation.name, "model": m.name,

@@ -228,13 +228,13 @@ def _print_summary(store, run_name: str) -> None:
 
 def _say_policy_declines(store, run_name: str) -> None:
     """A decline by an organization's own policy is its answer, not a fault: say why, once per reason."""
-    reasons: dict[str, list[str]] = {}
+    marker = "declines the task by its privacy policy: "
+    reasons: dict[str, set[str]] = {}
     for event in store.events(run_name):
-        if event["kind"] == "policy" and "declines the task by its privacy policy: " in event["message"]:
-            head, reason = event["message"].split(" declines the task by its privacy policy: ", 1)
-            reasons.setdefault(reason, []).append(head.rsplit(": ", 1)[-1])
+        if event["kind"] == "policy" and marker in event["message"]:
+            reasons.setdefault(event["message"].split(marker, 1)[1], set()).add(event["source"])
     for reason, orgs in reasons.items():
-        _say(f"declined by the organizations' own policy ({', '.join(sorted(set(orgs)))}): {reason}")
+        _say(f"declined by the organizations' own policy ({', '.join(sorted(orgs))}): {reason}")
 
 
 def _start_dashboard(url: str, port: int | None, workdir: Path):

@@ -106,6 +106,7 @@ class LocalFederation:
     def start(self) -> None:
         port = launcher.free_port()
         self.address = f"127.0.0.1:{port}"
+        self.fleet = ("127.0.0.1", port)
         tls = None
         if self.keys_dir is not None:
             server = self.keys_dir / "server"
@@ -154,7 +155,7 @@ class LocalFederation:
         """Follow the run in the store until it finishes; fail clearly if the ServerApp dies."""
         return follow_run(self.store_url, run_name, flower_run_id=self.flower_run_id, connection="fedveil-local",
                           env=self.env, workdir=self.workdir, superlink=self.superlink, timeout=timeout,
-                          on_round=on_round, fleet=("127.0.0.1", int(self.address.rsplit(":", 1)[1])))
+                          on_round=on_round, fleet=self.fleet)
 
     def stop(self) -> None:
         self.processes.stop_all()

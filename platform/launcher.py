@@ -53,10 +53,8 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
         if proc is not None and proc.poll() is not None:
             raise FedveilError(f"{what or 'process'} exited with code {proc.returncode} while starting",
                                "see its log file in the work dir")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
+        if accepts_connections(host, port):
+            return
         time.sleep(0.2)
     raise FedveilError(f"{what or 'process'} did not open {host}:{port} within {timeout:.0f}s",
                        "check that the port is free, or see its log file in the work dir")

@@ -391,21 +391,19 @@ class MetricsStore:
         return str(found[0]["id"]) if found else None
 
     def finish_run(self, run_id: str, status: str, message: str = "") -> None:
-        if status not in RUN_STATUSES:
-            raise ValueError(f"unknown run status {status!r}")
-        with self.engine.begin() as conn:
-            conn.execute(
-                runs.update().where(runs.c.id == run_id).values(status=status, finished_at=time.time(), message=message)
-            )
+        self._end_run(runs.c.id == run_id, status, message)
 
     def close_if_running(self, run_id: str, status: str, message: str = "") -> bool:
         """End a run that the store still has as `running` (its raw row, not the reader's view: a
         server stopped a moment ago already reads as `interrupted`). Returns whether it was closed."""
+        return self._end_run(sa.and_(runs.c.id == run_id, runs.c.status == "running"), status, message)
+
+    def _end_run(self, where: Any, status: str, message: str) -> bool:
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         with self.engine.begin() as conn:
-            done = conn.execute(runs.update().where(runs.c.id == run_id, runs.c.status == "running")
-                                .values(status=status, finished_at=time.time(), message=message))
+            done = conn.execute(runs.update().where(where).values(status=status, finished_at=time.time(),
+                                                                  message=message))
         return bool(done.rowcount)
 
     def record_round(self, run_id: str, round: int, **values: Any) -> None:
