@@ -124,6 +124,56 @@ def test_fast_object_pulls_overrides_flowers_one_second_backoff():
     assert seen == {"initial_backoff": 0.05, "backoff_cap": 0.05, "ids": ["a"]}
 
 
+# ---- what a node imports before it forks ------------------------------------------------------
+FORKED_TRAIN_TASK = '''
+import json, os, sys
+from pathlib import Path
+from fedveil.platform.warm_executor import preload, preload_modules
+assert preload(preload_modules("client")) == []
+import numpy as np
+from fedveil.clients.node import ClientIdentity, train_task
+from fedveil.platform import config as config_mod
+cfg = config_mod.with_overrides(config_mod.FedveilConfig(), {
+    "data.source": "breast_cancer", "training.epochs": 1, "privacy.noise_multiplier": 1.0})
+ident = ClientIdentity.from_node_config({"name": "org-a", "workdir": sys.argv[1], "index": 0, "num-orgs": 2})
+before = set(sys.modules)
+read, write = os.pipe()
+if os.fork() == 0:  # as the warm executor serves a task: a forked child of the preloaded process
+    out = train_task(ident, cfg, [np.zeros((64, 30), np.float32), np.zeros(64, np.float32),
+                                  np.zeros((2, 64), np.float32), np.zeros(2, np.float32)], "run", "task", {})
+    os.write(write, json.dumps({"status": out.status, "new": sorted(set(sys.modules) - before)}).encode())
+    os._exit(0)
+os.close(write)
+print(os.read(read, 1 << 20).decode())
+'''
+
+
+def test_a_client_preloads_what_its_forked_train_task_would_import(tmp_path: Path):
+    """Every module a train task imports after the fork is imported again in every task (about 1.2 s
+    of torch._dynamo, sklearn and pandas before this list covered them), so a forked task imports
+    next to nothing."""
+    out = subprocess.run([os.sys.executable, "-c", FORKED_TRAIN_TASK, str(tmp_path / "org")], capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok"
+    heavy = [m for m in result["new"] if m.split(".")[0] in {"pandas", "scipy", "opacus", "flwr", "tenseal"}
+             or m.startswith("torch._dynamo") or m.startswith("sklearn.model_selection")]
+    assert not heavy and len(result["new"]) < 25, result["new"]
+
+
+def test_a_proxy_preloads_no_torch_and_the_role_comes_from_the_node_config():
+    assert warm_executor.node_role(["--superlink", "x", "--node-config", 'role="proxy" name="p-1"']) == "proxy"
+    assert warm_executor.node_role(["--node-config=role='client' name='org-a' index=0"]) == "client"
+    assert warm_executor.node_role(["--superlink", "x"]) is None
+    proxy = warm_executor.preload_modules("proxy")
+    assert not any(m.split(".")[0] in {"torch", "opacus", "sklearn", "pandas"} for m in proxy)
+    assert "fedveil.aggregator.proxy" in proxy and "torch._dynamo" in warm_executor.preload_modules("client")
+    assert set(warm_executor.preload_modules(None)) >= set(proxy) | set(warm_executor.preload_modules("client"))
+    supervisor = warm_executor.ExecutorSupervisor("127.0.0.1:1", 1.0, "proxy")
+    assert supervisor.argv()[-2:] == ["--role", "proxy"]
+
+
 # ---- a real SuperLink and one warm SuperNode ----------------------------------------------------
 PROBE_APP = '''
 import json, os, time
