@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import tomli_w
 
-from fedveil.platform import launcher
+from fedveil.platform import launcher, proctree
 from fedveil.platform.config import FedveilConfig, OrgSection
 from fedveil.platform.errors import FedveilError
 from fedveil.platform.store import MetricsStore, store_url
@@ -36,6 +36,7 @@ def write_config(cfg: FedveilConfig, path: Path) -> Path:
 
 
 REFUSED_LIMIT = 3  # consecutive refused Fleet connections, 1 s apart, before the SuperLink counts as stopped
+SERVERAPP_PROGRAM = "flwr-serverapp"  # what flower-superexec starts for each run
 
 
 def follow_run(store_url: str, run_name: str, *, flower_run_id: int, connection: str, env: dict[str, str],
@@ -72,7 +73,10 @@ def follow_run(store_url: str, run_name: str, *, flower_run_id: int, connection:
                 raise FedveilError(f"the SuperLink no longer accepts node connections on {fleet[0]}:{fleet[1]} "
                                    "(it is shutting down: was it sent SIGTERM?)",
                                    f"see {logs}; restart the server with --resume to continue the run")
-            if time.monotonic() - last_flower_check > 15:
+            # `flwr ls` is a cold CLI start (~2 s of CPU, a slow round on a small host): ask Flower only
+            # when no ServerApp process is left in the SuperLink's tree (or where /proc cannot tell).
+            if time.monotonic() - last_flower_check > 15 and \
+                    not proctree.runs_program([superlink.pid], SERVERAPP_PROGRAM):
                 last_flower_check = time.monotonic()
                 status = launcher.run_status(flower_run_id, connection, env, workdir / "flower-app")
                 if status.startswith("finished") and (store.get_run(run_name) or {}).get("status", "running") == "running":

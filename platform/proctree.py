@@ -99,6 +99,18 @@ def descendants(roots: Iterable[int], table: dict[int, ProcInfo] | None = None) 
     return {pid: table[pid].start for pid in found if not table[pid].zombie}
 
 
+def runs_program(roots: Iterable[int], program: str, table: dict[int, ProcInfo] | None = None) -> bool:
+    """Whether a live descendant of `roots` runs `program` (named as argv[0] or as a script's argv[1])."""
+    for pid in descendants(roots, table):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]
+        except OSError:
+            continue
+        if any(os.path.basename(arg.decode(errors="replace")) == program for arg in argv):
+            return True
+    return False
+
+
 def alive(tracked: dict[int, int], table: dict[int, ProcInfo] | None = None) -> dict[int, int]:
     """The subset of {pid: start time} that is still the same, running (not zombie) process."""
     table = proc_table() if table is None else table

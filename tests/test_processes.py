@@ -163,6 +163,39 @@ def test_a_superlink_alive_but_closed_to_nodes_counts_as_stopped(tmp_path):
         store.close()
 
 
+def test_the_follower_asks_flower_for_the_run_only_once_no_serverapp_process_is_left(tmp_path, monkeypatch):
+    """`flwr ls` is a cold CLI start (~2 s of CPU): while a ServerApp runs in the SuperLink's tree the
+    follower must not start it; once the ServerApp has gone with the run still open, it asks and fails."""
+    from fedveil.platform import federation
+    from fedveil.platform.errors import FedveilError
+    from fedveil.platform.store import MetricsStore
+
+    url = f"sqlite:///{tmp_path / 'fedveil.db'}"
+    store = MetricsStore(url)
+    store.create_run("r", mode="sync", secure="none", name="fed")
+    store.heartbeat("r")
+    program = tmp_path / federation.SERVERAPP_PROGRAM
+    program.write_text("import time\ntime.sleep(3)\n")
+    asked: list[float] = []
+
+    def run_status(*args, **kwargs):
+        asked.append(time.monotonic())
+        return "finished:failed"
+
+    monkeypatch.setattr(launcher, "run_status", run_status)
+    started = time.monotonic()
+    superlink = subprocess.Popen(["bash", "-c", f"{sys.executable} {program} & wait; sleep 60"])
+    try:
+        with pytest.raises(FedveilError, match="ServerApp ended"):
+            federation.follow_run(url, "r", flower_run_id=1, connection="unused", env=dict(os.environ),
+                                  workdir=tmp_path, superlink=superlink, timeout=30)
+        assert len(asked) == 1 and asked[0] - started >= 3.0
+    finally:
+        superlink.kill()
+        superlink.wait()
+        store.close()
+
+
 def fedveil(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
     return subprocess.run([sys.executable, "-m", "fedveil.platform.cli", *args], capture_output=True, text=True,
