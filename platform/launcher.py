@@ -295,24 +295,35 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path | N
     path.write_text("\n".join(lines) + "\n")
 
 
-def register_supernode(public_key: Path, connection: str, env: Mapping[str, str]) -> None:
-    """Allow a SuperNode's auth key on a SuperLink started with --enable-supernode-auth."""
-    out = subprocess.run([bin_path("flwr"), "supernode", "register", str(public_key), connection, "--format", "json"],
-                         env=dict(env), capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        detail = (out.stdout + out.stderr).strip()[-800:]
-        raise FedveilError(f"could not register SuperNode key {public_key}: {detail}",
-                           "check that the SuperLink runs with TLS and that the key came from `fedveil keys init`")
+# Flower's own `flwr supernode register`, run for every key in one interpreter: each CLI start costs
+# ~0.6 s of CPU on this class of host, and the demo registers every node at once while they start.
+_REGISTER_EACH = """
+import sys
+import click
+from flwr.cli.app import app
+connection = sys.argv[1]
+for key in sys.argv[2:]:
+    try:
+        app(["supernode", "register", key, connection, "--format", "json"], prog_name="flwr", standalone_mode=False)
+    except click.ClickException as exc:
+        sys.exit(f"registering {key} failed: {exc.format_message()}")
+    except SystemExit as exc:
+        if exc.code:
+            print(f"registering {key} failed", file=sys.stderr, flush=True)
+            raise
+"""
 
 
 def register_supernodes(public_keys: list[Path], connection: str, env: Mapping[str, str]) -> None:
-    """Register several keys at once: each `flwr supernode register` is a process start (seconds on
-    a busy host), and nodes are refused until their key is in, so the wait should be one call long."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(public_keys)))) as pool:
-        for future in [pool.submit(register_supernode, pub, connection, env) for pub in public_keys]:
-            future.result()  # the first failure is raised, after every call has ended
+    """Register several keys with one process (nodes are refused until their key is in)."""
+    if not public_keys:
+        return
+    out = subprocess.run([sys.executable, "-c", _REGISTER_EACH, connection, *map(str, public_keys)],
+                         env=dict(env), capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        detail = (out.stdout + out.stderr).strip()[-800:]
+        raise FedveilError(f"could not register the SuperNode keys {', '.join(map(str, public_keys))}: {detail}",
+                           "check that the SuperLink runs with TLS and that the keys came from `fedveil keys init`")
 
 
 def prepare_app(workdir: Path) -> Path:

@@ -351,3 +351,12 @@ def test_demo_stopped_by_a_signal_leaves_no_process(tmp_path, sig):
     workdir = tmp_path / "demo"
     _signal_mid_run(["demo", "--clients", "2", "--proxies", "2", "--rounds", "200", "--no-dashboard",
                      "--workdir", str(workdir)], workdir, sig)
+
+
+def test_registering_a_missing_supernode_key_names_the_file_without_a_traceback(tmp_path):
+    from fedveil.platform.errors import FedveilError
+
+    with pytest.raises(FedveilError) as err:
+        launcher.register_supernodes([tmp_path / "absent.pub"], "unused", dict(os.environ))
+    assert "absent.pub" in err.value.problem and "does not exist" in err.value.problem
+    assert "Traceback" not in err.value.problem and "keys init" in err.value.fix
