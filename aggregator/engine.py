@@ -8,13 +8,14 @@ apply the server optimizer, checkpoint, record. It knows secure modes only throu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -75,6 +76,15 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
         if pending:
             time.sleep(poll)
     return replies
+
+
+def kept_clients(claimed: Any, sent: Mapping[str, bytes]) -> set[str]:
+    """Clients whose payload a proxy says it kept with the very bytes the server sent it (SHA-256); anything
+    else in its claim is ignored, and those payloads are simply sent again."""
+    if not isinstance(claimed, dict):
+        return set()
+    return {cid for cid, digest in claimed.items()
+            if cid in sent and isinstance(digest, str) and digest == hashlib.sha256(sent[cid]).hexdigest()}
 
 
 def reply_ok(reply: Message) -> tuple[str, dict[str, Any]]:
@@ -431,16 +441,24 @@ class Federation:
             task["staleness"] = {cid: int(s) for cid, s in staleness.items()}
         return task
 
-    def _ask_proxies(self, rnd: int, kind: str, task: dict[str, Any], groups: dict[str, dict[str, bytes]]
-                     ) -> dict[str, tuple[str, dict[str, Any], Message]]:
-        """Send each proxy its group's payloads; {proxy: (status, info, reply)} for those that answered."""
+    def _ask_proxies(self, rnd: int, kind: str, task: dict[str, Any], groups: dict[str, dict[str, bytes]],
+                     kept: Mapping[str, set[str]] | None = None) -> dict[str, tuple[str, dict[str, Any], Message]]:
+        """Send each proxy its group's payloads; {proxy: (status, info, reply)} for those that answered.
+
+        `kept` names, per proxy, the clients whose payload it validated and kept: the request lists them
+        under `kept` instead of carrying their bytes again."""
         by_name = self.roster.proxy_by_name()
         for name in sorted(set(groups) - set(by_name)):  # replies are validated, so this is a bug if it happens
             self.event("rejected", f"round {rnd}: payloads for unknown proxy {name!r} are dropped", level="error",
                        round=rnd)
         groups = {name: payloads for name, payloads in groups.items() if name in by_name}
-        msgs = [Message(RecordDict({"task": wire.json_record(task), "payloads": wire.blobs_record(payloads)}),
-                        by_name[name].node_id, kind, group_id=str(rnd)) for name, payloads in sorted(groups.items())]
+        msgs = []
+        for name, payloads in sorted(groups.items()):
+            named = sorted(set(payloads) & (kept or {}).get(name, set()))
+            sent = {cid: blob for cid, blob in payloads.items() if cid not in named}
+            content = RecordDict({"task": wire.json_record({**task, "kept": named} if named else task),
+                                  "payloads": wire.blobs_record(sent)})
+            msgs.append(Message(content, by_name[name].node_id, kind, group_id=str(rnd)))
         answers = exchange(self.grid, msgs, timeout=self.cfg.federation.round_timeout)
         answered = {}
         for name in sorted(groups):
@@ -472,11 +490,13 @@ class Federation:
                        source=proxy, round=rnd)
 
     def _agree_on_clients(self, rnd: int, task: dict[str, Any], groups: dict[str, dict[str, bytes]],
-                          contributions: dict[str, dict]) -> dict[str, dict[str, bytes]] | None:
+                          contributions: dict[str, dict], kept: dict[str, set[str]]
+                          ) -> dict[str, dict[str, bytes]] | None:
         """Additive shares decode only as a whole: every proxy must combine the same clients.
 
         Each proxy validates first (opening nothing for good); the server then asks all of them to
-        combine only the clients valid everywhere, once. Returns the narrowed groups, or None.
+        combine only the clients valid everywhere, once. Returns the narrowed groups, or None; fills
+        `kept` with the clients whose validated payload each proxy kept (`kept_clients`).
         """
         answered = self._ask_proxies(rnd, wire.VALIDATE, task, groups)
         ok = {name for name, (status, _, _) in answered.items() if status == wire.OK}
@@ -493,6 +513,7 @@ class Federation:
             info = answered[name][1]
             self._record_rejections(rnd, name, info.get("rejected") or {}, contributions)
             bad |= set(info.get("rejected") or {})
+            kept[name] = kept_clients(info.get("kept"), groups[name])
         common = set.intersection(*(set(g) for g in groups.values())) - bad
         return {name: {cid: blob for cid, blob in g.items() if cid in common} for name, g in groups.items() if name in ok}
 
@@ -541,6 +562,7 @@ class Federation:
         the caller normalizes with the same public alpha on the mode's grid (`applied_weight`)."""
         length = int(self.weights.size)
         task = self._proxy_task(task_id, length, contributions, staleness)
+        kept: dict[str, set[str]] = {}
         groups: dict[str, dict[str, bytes]] = {}
         for cid, c in contributions.items():
             for proxy_name, blob in c["payloads"].items():
@@ -552,13 +574,17 @@ class Federation:
         shared = len(groups) > 1 and all(len(c["payloads"]) == len(groups) for c in contributions.values())
         need = self._partials_needed(len(groups))
         if shared and hasattr(self.mode, "validate"):
-            narrowed = self._agree_on_clients(rnd, task, groups, contributions)
+            narrowed = self._agree_on_clients(rnd, task, groups, contributions, kept)
             if narrowed is not None and getattr(self.mode, "needs_quorum", False):
                 narrowed, task = self._commit_clients(rnd, task, narrowed, sorted(groups))
             if narrowed is None:
                 return None, [], stats
             groups = narrowed
-        answered = self._ask_proxies(rnd, wire.AGGREGATE, task, groups)
+        answered = self._ask_proxies(rnd, wire.AGGREGATE, task, groups, kept=kept)
+        lost = [n for n, (status, info, _) in answered.items() if status == wire.REFUSED
+                and wire.KEPT_MISSING in str(info.get("message", ""))]
+        if lost:  # a proxy that restarted since it validated: the same request, with the bytes
+            answered.update(self._ask_proxies(rnd, wire.AGGREGATE, task, {n: groups[n] for n in lost}))
         partials, included_sets, combine = [], [], []
         for name, (status, info, reply) in answered.items():
             self._record_rejections(rnd, name, info.get("rejected") or {}, contributions)

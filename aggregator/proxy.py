@@ -15,16 +15,24 @@ takes from it only what it can check, and decides the rest from its own config (
     releases only that set, holding a quorum of its peers' tags over it.
 A proxy may run every message in a fresh process, so the replay guard lives in SQLite in the
 proxy's work dir: an envelope opens at most once, ever.
+
+Payloads a proxy validated stay in its work dir (`validated/`) until it combines them: the aggregate
+request then names them (`kept`) instead of carrying the same bytes through the SuperLink a second
+time (a third of a secret-sharing round's traffic). What is combined is exactly what was validated.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from fedveil.platform import messages as wire
 from fedveil.secure import quorum
 from fedveil.secure.errors import SecurityError
 from fedveil.secure.modes import AggregationRefused, Binding, CombineResult, ProxyKeyring, get_mode
@@ -155,6 +163,60 @@ class SqliteReplayGuard:
 
     def close(self) -> None:
         self._db.close()
+
+
+KEPT_DIR = "validated"  # payloads validated, kept until combined (one directory per aggregate task)
+KEPT_TASKS = 8  # task directories kept at most: a round the server abandoned leaves one behind
+
+
+def _kept_dir(identity: ProxyIdentity, run_id: str, task_id: str) -> Path:
+    return identity.workdir / KEPT_DIR / hashlib.sha256(f"{run_id}\0{task_id}".encode()).hexdigest()[:32]
+
+
+def _kept_file(directory: Path, client: str) -> Path:
+    return directory / f"{hashlib.sha256(client.encode()).hexdigest()[:32]}.bin"
+
+
+def keep_validated(identity: ProxyIdentity, run_id: str, task_id: str, payloads: Mapping[str, bytes]) -> dict[str, str]:
+    """Keep the payloads this proxy validated for the aggregate it will be asked for; {client: sha256 hex}.
+
+    The server compares each digest with the bytes it holds and, where they match, names the client in
+    the aggregate request instead of sending its payload again."""
+    directory = _kept_dir(identity, run_id, task_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    kept = {}
+    for cid, blob in payloads.items():
+        path = _kept_file(directory, cid)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)  # a reader sees the old payload or the new one, never part of one
+        kept[cid] = hashlib.sha256(blob).hexdigest()
+    older = sorted((d for d in directory.parent.iterdir() if d.is_dir() and d != directory),
+                   key=lambda d: d.stat().st_mtime)
+    for stale in older[:max(0, len(older) - (KEPT_TASKS - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return kept
+
+
+def kept_payloads(identity: ProxyIdentity, run_id: str, task_id: str, clients: Any) -> dict[str, bytes]:
+    """The payloads this proxy validated for the task, for the clients the aggregate request names."""
+    if clients is None:
+        return {}
+    if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+        raise AggregationRefused(f"proxy {identity.name}: `kept` must list client ids")
+    directory = _kept_dir(identity, run_id, task_id)
+    out = {}
+    for cid in clients:
+        try:
+            out[cid] = _kept_file(directory, cid).read_bytes()
+        except OSError:
+            raise AggregationRefused(f"proxy {identity.name}: the payload of client {cid} it validated for task "
+                                     f"{task_id} {wire.KEPT_MISSING} (restarted or pruned); send the payload") from None
+    return out
+
+
+def forget_kept(identity: ProxyIdentity, run_id: str, task_id: str) -> None:
+    shutil.rmtree(_kept_dir(identity, run_id, task_id), ignore_errors=True)
 
 
 def proxy_keyring(identity: ProxyIdentity) -> ProxyKeyring:
@@ -361,21 +423,32 @@ def aggregate(
         guard.close()
 
 
-def validate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]) -> dict[str, str]:
-    """`validate` for a server's task as it arrives (the dict the server sent)."""
+def validate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """`validate` for a server's task as it arrives: ({client: reason} rejected, {client: sha256} kept)."""
     _refuse_server_weights(identity, task)
-    return validate(identity, payloads, run_id=str(task["run_id"]), task_id=str(task["task_id"]), mode=str(task["mode"]),
-                    length=int(task["length"]), task_ids=task.get("task_ids"), staleness=task.get("staleness"))
+    run_id, task_id = str(task["run_id"]), str(task["task_id"])
+    rejected = validate(identity, payloads, run_id=run_id, task_id=task_id, mode=str(task["mode"]),
+                        length=int(task["length"]), task_ids=task.get("task_ids"), staleness=task.get("staleness"))
+    kept = keep_validated(identity, run_id, task_id, {c: b for c, b in payloads.items() if c not in rejected})
+    return rejected, kept
 
 
 def aggregate_task(identity: ProxyIdentity, task: Mapping[str, Any], payloads: Mapping[str, bytes]) -> CombineResult:
     """`aggregate` for a server's task as it arrives: everything in `task` is the server's choice."""
     _refuse_server_weights(identity, task)
     tags = task.get("quorum_tags")
-    return aggregate(identity, payloads, run_id=str(task["run_id"]), task_id=str(task["task_id"]),
-                     mode=str(task["mode"]), length=int(task["length"]), min_aggregate=int(task["min_aggregate"]),
-                     staleness=task.get("staleness"), task_ids=task.get("task_ids"),
-                     quorum_tags=_hex_tags(tags.get(identity.name) if isinstance(tags, Mapping) else None))
+    run_id, task_id = str(task["run_id"]), str(task["task_id"])
+    kept = kept_payloads(identity, run_id, task_id, task.get("kept"))
+    if set(kept) & set(payloads):
+        raise AggregationRefused(f"proxy {identity.name}: client(s) {sorted(set(kept) & set(payloads))} are both "
+                                 "sent and named as kept; a client has one payload")
+    result = aggregate(identity, {**payloads, **kept}, run_id=run_id, task_id=task_id,
+                       mode=str(task["mode"]), length=int(task["length"]), min_aggregate=int(task["min_aggregate"]),
+                       staleness=task.get("staleness"), task_ids=task.get("task_ids"),
+                       quorum_tags=_hex_tags(tags.get(identity.name) if isinstance(tags, Mapping) else None))
+    forget_kept(identity, run_id, task_id)
+    return result
 
 
 def commit_task(identity: ProxyIdentity, task: Mapping[str, Any]) -> dict[str, str]:

@@ -20,6 +20,9 @@ EVALUATE = "evaluate"
 AGGREGATE = "query.aggregate"
 VALIDATE = "query.validate"
 COMMIT = "query.commit"  # quorum modes: each proxy commits once to the aggregate's client set (secure/quorum.py)
+# A proxy refuses an aggregate that names a payload as kept (validated earlier) which it no longer has;
+# the server then sends the same request with the bytes.
+KEPT_MISSING = "is no longer kept here"
 
 # Statuses a client or proxy reply can carry. `budget_exhausted` is a normal outcome, not an error.
 OK = "ok"

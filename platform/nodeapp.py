@@ -158,11 +158,11 @@ def validate(msg: Message, context: Context) -> Message:
     from fedveil.secure.modes import AggregationRefused
 
     try:
-        rejected = validate_task(ProxyIdentity.from_node_config(dict(context.node_config)), _task(msg),
-                                 wire.record_blobs(msg.content.array_records["payloads"]))
+        rejected, kept = validate_task(ProxyIdentity.from_node_config(dict(context.node_config)), _task(msg),
+                                       wire.record_blobs(msg.content.array_records["payloads"]))
     except AggregationRefused as exc:
         return _reply(msg, wire.REFUSED, {"role": "proxy", "name": _name(context), "message": str(exc)})
-    return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected})
+    return _reply(msg, wire.OK, {"role": "proxy", "name": _name(context), "rejected": rejected, "kept": kept})
 
 
 @app.query("commit")

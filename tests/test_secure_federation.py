@@ -61,8 +61,8 @@ def test_server_view_of_a_secret_sharing_round_holds_nothing_it_can_open(tmp_pat
     from fedveil.secure.modes import Binding
 
     fed, _, grid = run_mode(tmp_path, keys, "secret-sharing")
-    relayed = [m for m in grid.sent if m.metadata.message_type == wire.AGGREGATE]
-    assert relayed
+    relayed = [m for m in grid.sent if m.metadata.message_type in (wire.VALIDATE, wire.AGGREGATE)]
+    assert any(wire.record_blobs(m.content.array_records["payloads"]) for m in relayed)
     server_secret = (keys / "server" / "superlink.key").read_bytes()
     for msg in relayed:
         task = wire.record_json(msg.content.config_records["task"])
@@ -72,6 +72,67 @@ def test_server_view_of_a_secret_sharing_round_holds_nothing_it_can_open(tmp_pat
             for wrong_key in (server_secret[:32], bytes(32)):
                 with pytest.raises((SecurityError, ValueError)):
                     open_envelope(blob, wrong_key, binding)
+
+
+def _aggregate_requests(grid):
+    from fedveil.platform import messages as wire
+
+    return [(wire.record_json(m.content.config_records["task"]), wire.record_blobs(m.content.array_records["payloads"]))
+            for m in grid.sent if m.metadata.message_type == wire.AGGREGATE]
+
+
+def test_validated_payloads_stay_at_the_proxy_and_the_aggregate_names_them(tmp_path, keys):
+    """The aggregate request carries no payload a proxy already validated (a third of a round's bytes),
+    the proxy combines exactly those bytes, and it deletes its copies once combined."""
+    deterministic = {"privacy.enabled": False}
+    plain, _, _ = run_mode(tmp_path / "none", None, "none", **deterministic)
+    fed, _, grid = run_mode(tmp_path / "ss", keys, "secret-sharing", **deterministic)
+    requests = _aggregate_requests(grid)
+    assert len(requests) == 2
+    for task, payloads in requests:
+        assert payloads == {} and len(task["kept"]) == 4
+    np.testing.assert_allclose(fed.weights, plain.weights, atol=1e-4)
+    assert not any((tmp_path / "ss" / "proxies").glob("*/validated/*/*.bin"))
+
+
+def test_a_proxy_that_lost_its_validated_payloads_is_sent_them_and_the_round_completes(tmp_path, keys):
+    """A proxy restarted between validate and aggregate (its copies gone) refuses before claiming
+    anything; the server sends the same request with the bytes."""
+    from fedveil.platform import messages as wire
+
+    def lose_copies(msg):
+        if msg.metadata.message_type == wire.AGGREGATE:
+            shutil.rmtree(tmp_path / "proxies" / "proxy-1" / "validated", ignore_errors=True)
+        return 0.0
+
+    values = {"federation.rounds": 1, "federation.secure": "secret-sharing", "federation.min_aggregate": 2,
+              "orgs": [{"name": n} for n in ("hospital-a", "hospital-b", "hospital-c", "hospital-d")]}
+    fed, store, grid = run_federation(tmp_path, small_config(**values), "lost", keys_dir=keys,
+                                      delays={"proxy-1": lose_copies})
+    (row,) = store.rounds("lost")
+    assert row["participants"] == 4
+    to_proxy_1 = [(t, p) for t, p in _aggregate_requests(grid) if len(p) == 4]
+    assert len(to_proxy_1) == 1 and "kept" not in to_proxy_1[0][0]
+
+
+def test_a_proxy_combines_only_payloads_it_validated(tmp_path):
+    """Playing a deviating server: naming as kept a payload the proxy never validated, or sending a payload
+    and naming it kept too, is refused before anything is claimed or opened."""
+    from fedveil.aggregator.proxy import ProxyIdentity, aggregate_task, keep_validated
+    from fedveil.platform import messages as wire
+    from fedveil.secure.modes import AggregationRefused
+
+    proxy = ProxyIdentity.from_node_config({"name": "proxy-1", "workdir": str(tmp_path / "p1")})
+    task = {"run_id": "r", "task_id": "t:agg", "mode": "secret-sharing", "length": 4, "min_aggregate": 2}
+    kept = keep_validated(proxy, "r", "t:agg", {"org-a": b"share-a"})
+    assert set(kept) == {"org-a"} and len(kept["org-a"]) == 64
+    with pytest.raises(AggregationRefused, match=wire.KEPT_MISSING):
+        aggregate_task(proxy, {**task, "kept": ["org-a", "org-b"]}, {})
+    with pytest.raises(AggregationRefused, match="one payload"):
+        aggregate_task(proxy, {**task, "kept": ["org-a"]}, {"org-a": b"other"})
+    with pytest.raises(AggregationRefused, match=wire.KEPT_MISSING):
+        aggregate_task(proxy, {**task, "task_id": "t:other", "kept": ["org-a"]}, {})
+    assert not (tmp_path / "p1" / "replay-guard.db").exists()
 
 
 def test_tampered_share_is_rejected_recorded_and_the_round_goes_on(tmp_path, keys, monkeypatch):

@@ -236,7 +236,7 @@ def test_server_chosen_weights_are_refused_and_staleness_weights_keep_the_floor(
     # staleness the proxy's own config does not allow is refused per client, with the reason
     for s, reason in ((11, "exceeds async.max_staleness=10"), (-3, "negative"), (2.5, "not a whole number")):
         task = server_task(cfg, f"{RUN}:aggregate-s{s}", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": s})
-        assert reason in validate_task(proxies[ps[0]], task, payloads(ps[0]))["org-b"]
+        assert reason in validate_task(proxies[ps[0]], task, payloads(ps[0]))[0]["org-b"]
     task = server_task(cfg, f"{RUN}:aggregate-s", L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 11})
     with pytest.raises(AggregationRefused, match="exceeds async.max_staleness=10"):  # alone, org-a is never combined
         aggregate_task(proxies[ps[0]], task, payloads(ps[0]))
@@ -304,7 +304,7 @@ def test_a_client_update_enters_at_most_one_aggregate(tmp_path, fed_keys, secure
     task = server_task(cfg, f"{RUN}:round-1-again", L, task_ids={o: t1 for o in resent})
     lone = {o: resent[o] for o in ("org-a", "org-c")}
     for p in ps:
-        rejected = validate_task(proxies[p], task, {o: b[p] for o, b in lone.items()})
+        rejected = validate_task(proxies[p], task, {o: b[p] for o, b in lone.items()})[0]
         assert set(rejected) == {"org-a"} and "already combined" in rejected["org-a"]
         with pytest.raises(AggregationRefused, match="already combined"):
             aggregate_task(proxies[p], task, {o: b[p] for o, b in lone.items()})
@@ -368,7 +368,7 @@ def test_semi_sync_fresh_updates_cannot_be_down_weighted(tmp_path, fed_keys):
     task_ids = {"org-a": now, "org-b": now, "org-c": late}
     bad = server_task(cfg, now, L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 10, "org-c": 1})
     for p in ps:
-        rejected = validate_task(proxies[p], bad, {o: b[p] for o, b in sent.items()})
+        rejected = validate_task(proxies[p], bad, {o: b[p] for o, b in sent.items()})[0]
         assert set(rejected) == {"org-b"} and "fresh" in rejected["org-b"]
     honest = server_task(cfg, now, L, task_ids=task_ids, staleness={"org-a": 0, "org-b": 0, "org-c": 1})
     results = [aggregate_task(proxies[p], honest, {o: b[p] for o, b in sent.items()}) for p in ps]
