@@ -66,7 +66,7 @@ def test_supernode_with_unregistered_key_is_refused_with_a_clear_message(tmp_pat
         launcher.wait_for_port("127.0.0.1", port, 60, link, "flower-superlink")
         done = fedveil("client", "--config", str(cfg), "--org", "hospital-a", "--data", "breast_cancer",
                        "--keys", str(rogue / "hospital-a"), "--superlink", f"127.0.0.1:{port}",
-                       "--workdir", str(tmp_path / "client"), "--connect-timeout", "10", timeout=300)
+                       "--workdir", str(tmp_path / "client"), "--connect-timeout", "6", timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert "not registered" in done.stderr and "fix:" in done.stderr

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,16 @@ def _flower_processes(flwr_home: Path) -> dict[int, str]:
     return found
 
 
+def _rounds_recorded(db: Path) -> int:
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return int(con.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
 def _signal_mid_run(argv: list[str], workdir: Path, sig: int) -> None:
     flwr_home = (workdir / "flwr-home").resolve()
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
@@ -325,7 +336,12 @@ def _signal_mid_run(argv: list[str], workdir: Path, sig: int) -> None:
             time.sleep(1)
         running = _flower_processes(flwr_home)
         assert any("flwr-serverapp" in c for c in running.values()), running
-        time.sleep(15)  # the ServerApp is inside the run now (in the handshake it still exits by itself)
+        # mid-run: once a round is recorded the ServerApp is inside the run (in the handshake it still exits
+        # by itself)
+        while time.monotonic() < deadline and _rounds_recorded(workdir / "fedveil.db") < 1:
+            assert cmd.poll() is None, cmd.stdout.read()
+            time.sleep(0.5)
+        assert _rounds_recorded(workdir / "fedveil.db") >= 1
         sent = time.monotonic()
         cmd.send_signal(sig)
         cmd.wait(timeout=30)

@@ -262,7 +262,7 @@ def test_round_survives_a_dead_proxy_and_charges_each_org_once(tmp_path, dies_at
     keys = tmp_path / "keys"
     init_federation_keys(keys, PROXIES4, list(ORGS), ckks=False)
     cfg = small_config(**{
-        "federation.rounds": 1, "federation.secure": "replicated-sharing", "federation.round_timeout": 10,
+        "federation.rounds": 1, "federation.secure": "replicated-sharing", "federation.round_timeout": 5,
         "proxies.names": PROXIES4, "policy.allow_secure": ["replicated-sharing"],
         "orgs": [{"name": n} for n in ORGS],
     })

@@ -85,7 +85,7 @@ def test_global_update_equals_weighted_fedavg_of_client_updates(tmp_path):
 
 def test_dead_client_drops_out_without_stalling(tmp_path):
     """hospital-c joins, then hangs in training: the round goes on at the deadline without it."""
-    cfg2 = small_config(**{"federation.round_timeout": 8, "federation.rounds": 1})
+    cfg2 = small_config(**{"federation.round_timeout": 5, "federation.rounds": 1})
     from tests.conftest import make_local_federation
 
     store2 = MetricsStore(f"sqlite:///{tmp_path / 'b.db'}")
