@@ -198,3 +198,35 @@ def test_dashboard_names_both_accuracies_apart():
     held = frame[frame.series == v.ACCURACY_SERIES["server_accuracy_pct"]]
     val = frame[frame.series == v.ACCURACY_SERIES["accuracy_pct"]]
     assert held.accuracy_pct.tolist() == pytest.approx([70.0, 90.0]) and val.accuracy_pct.tolist() == [80.0]
+
+
+def test_the_documented_mnist_recipe_is_the_one_the_benchmark_measured(monkeypatch):
+    """examples/mnist.toml is the documented default for image data; docs/benchmarks.md's numbers come from
+    benchmarks/accuracy.py's `tuned` recipe. If either changes alone, the docs describe a run nobody made."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fedveil_bench_accuracy", root / "benchmarks" / "accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    example = config_mod.load(root / "examples" / "mnist.toml")
+    measured = bench.make_config("mnist", bench.RECIPES["tuned"], epsilon=example.privacy.target_epsilon,
+                                 orgs=len(example.orgs), secure=example.federation.secure,
+                                 seed=example.federation.seed, val_fraction=example.data.val_fraction,
+                                 device="auto")
+    for section, keys in {
+        "federation": ("rounds", "secure", "seed"),
+        "data": ("source", "partition", "alpha", "val_fraction"),
+        "model": ("name", "activation", "groupnorm"),
+        "training": ("epochs", "batch_size", "lr", "momentum", "lr_schedule", "lr_min", "optimizer"),
+        "privacy": ("enabled", "target_epsilon", "delta", "accountant", "max_grad_norm"),
+        "server": ("optimizer", "lr", "momentum"),
+        "evaluation": ("source",),
+    }.items():
+        for key in keys:
+            got, want = getattr(getattr(example, section), key), getattr(getattr(measured, section), key)
+            assert got == pytest.approx(want) if isinstance(want, float) else got == want, f"{section}.{key}"
+    assert example.model.groupnorm is True
