@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py --dataset mnist [--arms ...] [--epsilons 1 3 8] [--out DIR]
     python benchmarks/accuracy.py --dataset mnist --limit 2000 --rounds 1      # plumbing check on a CPU
+    python benchmarks/accuracy.py --dataset mnist --arms fed-dp --seeds 0 1 2 3 4   # one recipe on 5 splits
 
 Arms (all on the same organizations' data, all scored on the dataset's public test split, which
 no organization holds; for MNIST the official 10k test set):
@@ -218,7 +219,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--orgs", type=int, default=5)
     ap.add_argument("--secure", default="secret-sharing", choices=("none", "secret-sharing", "ckks"))
     ap.add_argument("--val-fraction", type=float, default=0.1, help="each organization's validation split")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the split (Dirichlet draw) and the noise")
+    ap.add_argument("--seeds", nargs="+", type=int,
+                    help="run every arm on each of these splits and add a table of the mean and range per arm "
+                         "(a recipe that wins on one Dirichlet draw can lose on the next); overrides --seed")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
     ap.add_argument("--limit", type=int, help="plumbing check: keep this many training images")
     ap.add_argument("--out", default=os.environ.get("FEDVEIL_BENCH_OUT", "bench-out"),
@@ -234,7 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = str(resolve_device(args.device))
-    common = dict(orgs=args.orgs, secure=args.secure, seed=args.seed, val_fraction=args.val_fraction, device=device)
+    common = dict(orgs=args.orgs, secure=args.secure, val_fraction=args.val_fraction, device=device)
     tuned = _override(RECIPES[args.recipe], args)
     plans: list[tuple[str, Recipe, float | None]] = []
     for arm in args.arms:
@@ -245,22 +249,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             plans.append((arm, _override(RECIPES["nodp"], args), None))
     results = []
-    for arm, recipe, eps in plans:
-        cfg = make_config(args.dataset, recipe, epsilon=eps, **common)
-        print(f"# {arm} ε={eps if eps is not None else '∞'} {asdict(recipe)}", file=sys.stderr, flush=True)
-        if arm.startswith("fed"):
-            result = federated(cfg)
-        else:
-            result = centralized(cfg, recipe, eps, args.seed, device)
-        result.update(arm=arm, target_epsilon=eps, recipe=asdict(recipe))
-        print(f"#   -> accuracy {result['accuracy']}, {result['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
-        results.append(result)
+    for seed in args.seeds or [args.seed]:
+        for arm, recipe, eps in plans:
+            results.append(run_arm(args.dataset, arm, recipe, eps, seed, common))
     return results
 
 
+def run_arm(dataset: str, arm: str, recipe: Recipe, eps: float | None, seed: int,
+            common: dict[str, Any]) -> dict[str, Any]:
+    cfg = make_config(dataset, recipe, epsilon=eps, seed=seed, **common)
+    print(f"# {arm} ε={eps if eps is not None else '∞'} seed={seed} {asdict(recipe)}", file=sys.stderr, flush=True)
+    if arm.startswith("fed"):
+        result = federated(cfg)
+    else:
+        result = centralized(cfg, recipe, eps, seed, common["device"])
+    result.update(arm=arm, target_epsilon=eps, seed=seed, recipe=asdict(recipe))
+    print(f"#   -> accuracy {result['accuracy']}, {result['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
+    return result
+
+
 def table(results: list[dict[str, Any]], dataset: str) -> str:
-    lines = [f"| arm | ε target (per org) | ε reached | {dataset} test accuracy | rounds x epochs | batch | lr | "
-             "σ | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | seed | ε target (per org) | ε reached | {dataset} test accuracy | rounds x epochs | batch | "
+             "lr | σ | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rc = r["recipe"]
         sigma = r.get("sigma")
@@ -268,8 +278,25 @@ def table(results: list[dict[str, Any]], dataset: str) -> str:
         reached = "∞ (not private)" if r["target_epsilon"] is None else (
             "-" if r.get("max_epsilon") is None else f"{r['max_epsilon']:.2f}")
         acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
-        lines.append(f"| {r['arm']} | {r['target_epsilon'] or '-'} | {reached} | {acc} | {rc['rounds']} x "
-                     f"{rc['epochs']} | {rc['batch_size']} | {rc['lr']} | {sig} | {r['wall_seconds']:.0f} |")
+        cells = [r["arm"], r.get("seed", "-"), r["target_epsilon"] or "-", reached, acc,
+                 f"{rc['rounds']} x {rc['epochs']}", rc["batch_size"], rc["lr"], sig, f"{r['wall_seconds']:.0f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def across_seeds(results: list[dict[str, Any]], dataset: str) -> str:
+    """Mean, min and max accuracy of each (arm, ε) over the splits it ran on; empty for one seed."""
+    groups: dict[tuple[str, float | None], list[float]] = {}
+    for r in results:
+        if r["accuracy"] is not None:
+            groups.setdefault((r["arm"], r["target_epsilon"]), []).append(r["accuracy"])
+    if all(len(accs) < 2 for accs in groups.values()):
+        return ""
+    lines = [f"| arm | ε target (per org) | splits | mean {dataset} test accuracy | min | max |",
+             "|---|---|---|---|---|---|"]
+    for (arm, eps), accs in groups.items():
+        lines.append(f"| {arm} | {eps or '-'} | {len(accs)} | {100 * float(np.mean(accs)):.2f}% | "
+                     f"{100 * min(accs):.2f}% | {100 * max(accs):.2f}% |")
     return "\n".join(lines)
 
 
@@ -283,12 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         limit_builtin_data(args.limit)
     started = time.perf_counter()
     results = run(args)
-    md = table(results, args.dataset)
+    md = "\n\n".join(part for part in (table(results, args.dataset), across_seeds(results, args.dataset)) if part)
     print(md, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"dataset": args.dataset, "orgs": args.orgs, "partition": "dirichlet(0.5)", "secure": args.secure,
-            "delta": 1e-5, "device": str(resolve_device(args.device)),
+            "delta": 1e-5, "seeds": args.seeds or [args.seed], "device": str(resolve_device(args.device)),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "limit": args.limit, "seconds": time.perf_counter() - started, "argv": sys.argv[1:]}
     (out / "accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -200,18 +200,28 @@ def test_dashboard_names_both_accuracies_apart():
     assert held.accuracy_pct.tolist() == pytest.approx([70.0, 90.0]) and val.accuracy_pct.tolist() == [80.0]
 
 
-def test_the_documented_mnist_recipe_is_the_one_the_benchmark_measured(monkeypatch):
-    """examples/mnist.toml is the documented default for image data; docs/benchmarks.md's numbers come from
-    benchmarks/accuracy.py's `tuned` recipe. If either changes alone, the docs describe a run nobody made."""
+@pytest.fixture
+def bench_accuracy(monkeypatch):
+    """benchmarks/accuracy.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("fedveil_bench_accuracy", root / "benchmarks" / "accuracy.py")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+    spec = importlib.util.spec_from_file_location("fedveil_bench_accuracy", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_documented_mnist_recipe_is_the_one_the_benchmark_measured(bench_accuracy):
+    """examples/mnist.toml is the documented default for image data; docs/benchmarks.md's numbers come from
+    benchmarks/accuracy.py's `tuned` recipe. If either changes alone, the docs describe a run nobody made."""
+    from pathlib import Path
+
+    bench = bench_accuracy
+    root = Path(__file__).resolve().parents[1]
     example = config_mod.load(root / "examples" / "mnist.toml")
     measured = bench.make_config("mnist", bench.RECIPES["tuned"], epsilon=example.privacy.target_epsilon,
                                  orgs=len(example.orgs), secure=example.federation.secure,
@@ -230,3 +240,17 @@ def test_the_documented_mnist_recipe_is_the_one_the_benchmark_measured(monkeypat
             got, want = getattr(getattr(example, section), key), getattr(getattr(measured, section), key)
             assert got == pytest.approx(want) if isinstance(want, float) else got == want, f"{section}.{key}"
     assert example.model.groupnorm is True
+
+
+def test_the_accuracy_benchmark_summarizes_each_arm_across_splits(bench_accuracy):
+    """A recipe is judged on several Dirichlet draws: the summary must group by (arm, ε), not mix them."""
+    recipe = {"rounds": 10, "epochs": 1, "batch_size": 512, "lr": 0.5}
+    rows = [dict(arm="fed-dp", target_epsilon=3.0, seed=s, accuracy=a, recipe=recipe, wall_seconds=1.0)
+            for s, a in ((0, 0.96), (1, 0.95), (2, 0.94))]
+    rows.append(dict(arm="fed-dp", target_epsilon=1.0, seed=0, accuracy=0.90, recipe=recipe, wall_seconds=1.0))
+    rows.append(dict(arm="fed-dp", target_epsilon=1.0, seed=1, accuracy=0.80, recipe=recipe, wall_seconds=1.0))
+    summary = bench_accuracy.across_seeds(rows, "mnist").splitlines()
+    assert summary[2] == "| fed-dp | 3.0 | 3 | 95.00% | 94.00% | 96.00% |"
+    assert summary[3] == "| fed-dp | 1.0 | 2 | 85.00% | 80.00% | 90.00% |"
+    assert bench_accuracy.across_seeds(rows[:1] + rows[3:4], "mnist") == ""  # one split each: no summary
+
