@@ -43,6 +43,7 @@ from fedveil.clients.training import (DPSettings, TrainSettings, evaluate, plan_
                                       sample_rate, steps_per_epoch, train)
 from fedveil.platform import config as config_mod
 from fedveil.platform import data as D
+from fedveil.platform.errors import FedveilError
 from fedveil.platform.federation import demo_orgs
 from fedveil.platform.localgrid import grid_for_config
 from fedveil.platform.store import MetricsStore
@@ -233,7 +234,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        ("server_lr", float), ("server_momentum", float), ("accountant", str)):
         ap.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"override the recipes' {name}")
     ap.add_argument("--groupnorm", dest="groupnorm", action=argparse.BooleanOptionalAction, default=None)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.seeds = args.seeds or [args.seed]
+    return args
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -248,21 +251,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             plans.append((arm, _override(RECIPES["naive"], args), args.epsilons[0]))
         else:
             plans.append((arm, _override(RECIPES["nodp"], args), None))
-    results = []
-    for seed in args.seeds or [args.seed]:
-        for arm, recipe, eps in plans:
-            results.append(run_arm(args.dataset, arm, recipe, eps, seed, common))
-    return results
+    # every arm's config is built (and validated) before the first arm trains: a bad flag fails at once
+    configs = [(arm, recipe, eps, seed, make_config(args.dataset, recipe, epsilon=eps, seed=seed, **common))
+               for seed in args.seeds for arm, recipe, eps in plans]
+    return [run_arm(arm, recipe, eps, seed, cfg) for arm, recipe, eps, seed, cfg in configs]
 
 
-def run_arm(dataset: str, arm: str, recipe: Recipe, eps: float | None, seed: int,
-            common: dict[str, Any]) -> dict[str, Any]:
-    cfg = make_config(dataset, recipe, epsilon=eps, seed=seed, **common)
+def run_arm(arm: str, recipe: Recipe, eps: float | None, seed: int,
+            cfg: config_mod.FedveilConfig) -> dict[str, Any]:
     print(f"# {arm} ε={eps if eps is not None else '∞'} seed={seed} {asdict(recipe)}", file=sys.stderr, flush=True)
     if arm.startswith("fed"):
         result = federated(cfg)
     else:
-        result = centralized(cfg, recipe, eps, seed, common["device"])
+        result = centralized(cfg, recipe, eps, seed, cfg.training.device)
     result.update(arm=arm, target_epsilon=eps, seed=seed, recipe=asdict(recipe))
     print(f"#   -> accuracy {result['accuracy']}, {result['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
     return result
@@ -309,13 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         limit_builtin_data(args.limit)
     started = time.perf_counter()
-    results = run(args)
+    try:
+        results = run(args)
+    except FedveilError as exc:  # a bad flag or config: the problem and the fix, no stack trace
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.fix:
+            print(f"fix: {exc.fix}", file=sys.stderr)
+        return 2
     md = "\n\n".join(part for part in (table(results, args.dataset), across_seeds(results, args.dataset)) if part)
     print(md, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"dataset": args.dataset, "orgs": args.orgs, "partition": "dirichlet(0.5)", "secure": args.secure,
-            "delta": 1e-5, "seeds": args.seeds or [args.seed], "device": str(resolve_device(args.device)),
+            "delta": 1e-5, "seeds": args.seeds, "device": str(resolve_device(args.device)),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "limit": args.limit, "seconds": time.perf_counter() - started, "argv": sys.argv[1:]}
     (out / "accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

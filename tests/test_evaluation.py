@@ -220,13 +220,12 @@ def test_the_documented_mnist_recipe_is_the_one_the_benchmark_measured(bench_acc
     benchmarks/accuracy.py's `tuned` recipe. If either changes alone, the docs describe a run nobody made."""
     from pathlib import Path
 
-    bench = bench_accuracy
     root = Path(__file__).resolve().parents[1]
     example = config_mod.load(root / "examples" / "mnist.toml")
-    measured = bench.make_config("mnist", bench.RECIPES["tuned"], epsilon=example.privacy.target_epsilon,
-                                 orgs=len(example.orgs), secure=example.federation.secure,
-                                 seed=example.federation.seed, val_fraction=example.data.val_fraction,
-                                 device="auto")
+    measured = bench_accuracy.make_config(
+        "mnist", bench_accuracy.RECIPES["tuned"], epsilon=example.privacy.target_epsilon, orgs=len(example.orgs),
+        secure=example.federation.secure, seed=example.federation.seed, val_fraction=example.data.val_fraction,
+        device="auto")
     for section, keys in {
         "federation": ("rounds", "secure", "seed"),
         "data": ("source", "partition", "alpha", "val_fraction"),
