@@ -53,9 +53,9 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = "mlp"
+    name: str = Field("mlp", description="mlp | cnn | scatternet (fixed wavelet features + small CNN: images of 16x16 or more) | 'package.module:factory'")
     hidden: list[int] = Field(default_factory=lambda: [64])
-    activation: Literal["relu", "tanh"] = Field("relu", description="hidden activation (mlp, cnn); tanh suits DP-SGD")
+    activation: Literal["relu", "tanh"] = Field("relu", description="hidden activation (mlp, cnn, scatternet); tanh suits DP-SGD")
     groupnorm: bool | None = Field(None, description="cnn: GroupNorm after each conv (default: only below 16x16)")
 
 
@@ -184,7 +184,7 @@ class PolicySection(_Section):
     min_aggregate: int = Field(2, ge=1, description="smallest aggregate a task may announce")
     budget: float | None = Field(None, gt=0, description="ε budget over all runs on this data; default: this "
                                  "organization's orgs.budget or privacy.budget")
-    allow_models: list[str] = Field(default_factory=lambda: ["mlp", "cnn"], description="model kinds, or "
+    allow_models: list[str] = Field(default_factory=lambda: ["mlp", "cnn", "scatternet"], description="model kinds, or "
                                     "'package.module:factory' names, this node may build; any other factory named "
                                     "by the server is never imported")
 

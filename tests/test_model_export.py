@@ -96,3 +96,37 @@ def test_client_ledger_shows_the_organizations_own_epsilon(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hospital-a" in out and "2 charge(s) over 2 run(s)" in out and f"ε = {eps[-1]:.3f}" in out
     assert cli.main(["client", "ledger", "--ledger", str(tmp_path / "missing.db")]) == 2
+
+
+def test_a_scatternet_exports_with_its_fixed_wavelets(tmp_path):
+    """The scatternet's wavelets are not in the checkpoint (nothing trained, nothing sent): the export must
+    rebuild them, so plain PyTorch (and ONNX Runtime, where installed) predicts what the checkpoint does."""
+    from fedveil.platform.data import input_scaling
+    from fedveil.platform.models import build_model, model_arrays
+
+    info = {"run_id": "scat", "model": "scatternet", "kwargs": {"activation": "tanh"}, "input_shape": [1, 28, 28],
+            "num_classes": 10, "dataset": "mnist", "input_scaling": input_scaling("mnist")}
+    torch.manual_seed(3)
+    weights = np.concatenate([a.ravel() for a in model_arrays(build_model("scatternet", (1, 28, 28), 10,
+                                                                          activation="tanh"))]).astype(np.float64)
+    run_dir = tmp_path / "run"
+    checkpoint.save_model_info(run_dir, info)
+    checkpoint.save(run_dir, checkpoint.Checkpoint(round=1, weights=weights, optimizer={}, meta={}))
+    X = np.random.default_rng(0).normal(size=(16, 1, 28, 28)).astype(np.float32)
+    expected = _checkpoint_predictions(type("F", (), {"checkpoint_dir": run_dir}), 1, X)
+    assert cli.main(["model", "export", "--workdir", str(run_dir), "--format", "torchscript",
+                     "--out", str(tmp_path / "s.pt")]) == 0
+    np.save(tmp_path / "x.npy", X)
+    code = ("import sys, numpy as np, torch; m = torch.jit.load(sys.argv[1]); "
+            "np.save(sys.argv[3], m(torch.from_numpy(np.load(sys.argv[2]))).detach().numpy())")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.pt"), str(tmp_path / "x.npy"),
+                    str(tmp_path / "y.npy")], check=True, cwd=tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    assert cli.main(["model", "export", "--workdir", str(run_dir), "--format", "onnx",
+                     "--out", str(tmp_path / "s.onnx")]) == 0
+    got = ort.InferenceSession(str(tmp_path / "s.onnx")).run(None, {"input": X})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -77,3 +77,39 @@ def test_bad_model_names(spec, match):
     with pytest.raises(FedveilError, match=match) as ei:
         M.build_model(spec, (4,), 2)
     assert ei.value.fix
+
+
+# --------------------------------------------------------------------------- scatternet
+
+
+def test_scatternet_trains_and_sends_only_its_head():
+    """The wavelets are fixed: no parameter, nothing in the state_dict (so nothing travels or is averaged),
+    and the 81 scattering maps per channel feed a CNN that Opacus can train."""
+    m = M.build_model("scatternet", (1, 28, 28), 10, activation="tanh")
+    assert not list(m.scattering.parameters()) and not m.scattering.state_dict()
+    assert all(not k.startswith("scattering") for k in m.state_dict())
+    assert M.count_parameters(m) == sum(a.size for a in M.model_arrays(m)) == 33066
+    assert m.scattering(torch.randn(2, 3, 28, 28)).shape == (2, 3 * 81, 7, 7)
+    assert ModuleValidator.is_valid(m) and M.model_kind("scatternet") == "image"
+    with pytest.raises(ConfigError, match="too small for the scatternet"):
+        M.build_model("scatternet", (1, 8, 8), 10)
+
+
+def test_scattering_is_a_wavelet_transform():
+    """What makes the features worth having, checked on images with a known answer: the wavelets have no
+    DC response (a flat image has only its low-pass channel, equal to the image's value), the low-pass
+    averages, and each first-order channel responds to stripes of its own orientation."""
+    s = M.Scattering2D()
+    flat = s(torch.full((1, 1, 28, 28), 0.7))
+    torch.testing.assert_close(flat[0, 0], torch.full((7, 7), 0.7))
+    assert flat[0, 1:].abs().max() < 1e-5
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    xi = 0.75 * torch.pi  # the finest wavelets' frequency
+    for angle_index in range(s.L):
+        theta = torch.tensor(angle_index * torch.pi / s.L)
+        stripes = torch.cos(xi * (rows * torch.cos(theta) + cols * torch.sin(theta)))
+        first_order_fine = s(stripes[None, None])[0, 1:1 + s.L, 2:-2, 2:-2].mean(dim=(1, 2))
+        assert int(first_order_fine.argmax()) == angle_index
+    # modulus and convolutions: scaling the image scales every coefficient
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(s(3.0 * x), 3.0 * s(x), rtol=1e-4, atol=1e-5)
