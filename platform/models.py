@@ -124,10 +124,10 @@ def _gaussian(sigma: float, radius: int) -> np.ndarray:
 class Scattering2D(nn.Module):
     """A fixed second-order wavelet scattering transform (Bruna & Mallat 2013), J = 2 scales, L = 8 angles.
 
-    Why: DP-SGD's noise grows with what is learned, so features nobody has to learn are free accuracy;
-    Tramer & Boneh (2021, "Differentially private learning needs better features") showed a small model
-    on scattering features beats end-to-end CNNs at the same ε. On MNIST it lifted the federation's
-    DP accuracy most on the label-skewed splits (docs/benchmarks.md).
+    Why: DP-SGD clips and noises every trained coordinate, so features nobody has to learn cost no
+    privacy; Tramer & Boneh (2021, "Differentially private learning needs better features") showed a
+    small model on scattering features beats end-to-end CNNs at the same ε. On MNIST it lifted the
+    federation's DP accuracy most on the splits where the CNN did worst (docs/benchmarks.md).
     Output per input channel: 81 maps (1 low-pass, 16 first-order, 64 second-order) at 1/4 resolution.
     It is plain strided convolutions with truncated (±3σ) Morlet kernels held in non-persistent buffers:
     nothing is trained or sent, and it scripts, traces and exports to ONNX like any CNN.
