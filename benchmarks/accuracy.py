@@ -46,6 +46,7 @@ from fedveil.platform import data as D
 from fedveil.platform.errors import FedveilError
 from fedveil.platform.federation import demo_orgs
 from fedveil.platform.localgrid import grid_for_config
+from fedveil.platform.models import IMAGE_MODELS
 from fedveil.platform.store import MetricsStore
 
 ARMS = ("fed-dp", "fed-naive-dp", "fed-nodp", "central", "central-dp")
@@ -233,7 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("FEDVEIL_BENCH_OUT", "bench-out"),
                     help="directory for accuracy.json / accuracy.md (default $FEDVEIL_BENCH_OUT or ./bench-out)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    for name, kind in (("model", str), ("activation", str), ("rounds", int), ("epochs", int), ("batch_size", int), ("lr", float),
+    ap.add_argument("--model", choices=IMAGE_MODELS, help="override the recipes' model (image data)")
+    for name, kind in (("activation", str), ("rounds", int), ("epochs", int), ("batch_size", int), ("lr", float),
                        ("momentum", float), ("lr_schedule", str), ("clip", float), ("server_optimizer", str),
                        ("server_lr", float), ("server_momentum", float), ("accountant", str)):
         ap.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"override the recipes' {name}")

@@ -52,6 +52,9 @@ class DataSection(_Section):
     label_column: str = "label"
 
 
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "scatternet")  # built by fedveil.platform.models; nothing imported
+
+
 class ModelSection(_Section):
     name: str = Field("mlp", description="mlp | cnn | scatternet (fixed wavelet features + small CNN: images of 16x16 or more) | 'package.module:factory'")
     hidden: list[int] = Field(default_factory=lambda: [64])
@@ -184,7 +187,7 @@ class PolicySection(_Section):
     min_aggregate: int = Field(2, ge=1, description="smallest aggregate a task may announce")
     budget: float | None = Field(None, gt=0, description="ε budget over all runs on this data; default: this "
                                  "organization's orgs.budget or privacy.budget")
-    allow_models: list[str] = Field(default_factory=lambda: ["mlp", "cnn", "scatternet"], description="model kinds, or "
+    allow_models: list[str] = Field(default_factory=lambda: list(BUILTIN_MODELS), description="model kinds, or "
                                     "'package.module:factory' names, this node may build; any other factory named "
                                     "by the server is never imported")
 

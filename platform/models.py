@@ -16,13 +16,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedveil.platform.config import BUILTIN_MODELS
 from fedveil.platform.errors import ConfigError, FedveilError
 
 if TYPE_CHECKING:
     from fedveil.platform.config import FedveilConfig
     from fedveil.platform.data import Dataset
 
-BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "scatternet")
 IMAGE_MODELS: tuple[str, ...] = ("cnn", "scatternet")
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -139,15 +139,13 @@ class Scattering2D(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         slant = 4.0 / self.L
-        psi = []
-        for j in range(self.J):
+        for j in range(self.J):  # psi{j}: (2L, 1, k, k), the real parts, then the imaginary ones
             sigma = 0.8 * 2 ** j
             radius = math.ceil(3 * sigma / slant)
             waves = np.stack([_morlet(sigma, t * math.pi / self.L, 0.75 * math.pi / 2 ** j, slant, radius)
                               for t in range(self.L)])
-            psi.append(torch.tensor(np.concatenate([waves.real, waves.imag])[:, None], dtype=torch.float32))
-        self.register_buffer("psi0", psi[0], persistent=False)  # (2L, 1, k, k): real parts, then imaginary
-        self.register_buffer("psi1", psi[1], persistent=False)
+            psi = torch.tensor(np.concatenate([waves.real, waves.imag])[:, None], dtype=torch.float32)
+            self.register_buffer(f"psi{j}", psi, persistent=False)
         # the low-pass at full and at half resolution (the same Gaussian, sampled on each grid)
         for j in range(self.J):
             sigma = 0.8 * 2 ** (self.J - 1) / 2 ** j
